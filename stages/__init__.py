@@ -1,0 +1,1 @@
+"""rayalign stages: one module or package per stage kind, plus the pieces they share."""
