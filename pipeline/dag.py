@@ -1,0 +1,87 @@
+"""The DAG of a pipeline, derived from the stages' upstream references (``from:``, ``reward:``, ...).
+
+``base`` is an implicit root node: the pretrained checkpoint every chain starts from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.spec import PipelineSpec
+
+BASE = "base"
+
+
+class DAGError(ValueError):
+    """A missing reference or a cycle; the message names the stages involved."""
+
+
+@dataclass(frozen=True)
+class DAG:
+    order: tuple[str, ...]  # every node, dependencies first; "base" first
+    parents: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> role -> parent node
+
+    def upstream_closure(self, nodes: set[str]) -> set[str]:
+        """The nodes plus everything they depend on."""
+        seen, todo = set(), list(nodes)
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += self.parents.get(node, {}).values()
+        return seen
+
+    def downstream_closure(self, nodes: set[str]) -> set[str]:
+        """The nodes plus everything that depends on them."""
+        result = set(nodes)
+        for node in self.order:  # topological, so one pass suffices
+            if any(p in result for p in self.parents.get(node, {}).values()):
+                result.add(node)
+        return result
+
+    def children(self, node: str) -> list[str]:
+        return [n for n in self.order if node in self.parents.get(n, {}).values()]
+
+
+def build_dag(spec: PipelineSpec) -> DAG:
+    parents: dict[str, dict[str, str]] = {BASE: {}}
+    known = {BASE, *spec.stages}
+    for name, stage in spec.stages.items():
+        refs = stage.upstream()
+        for role, target in refs.items():
+            if target not in known:
+                raise DAGError(
+                    f"stage {name!r}: {role}: {target!r} is not a stage of this pipeline "
+                    f"(stages: {', '.join(sorted(known))})"
+                )
+            if target == name:
+                raise DAGError(f"stage {name!r}: {role}: a stage cannot depend on itself")
+        parents[name] = refs
+    return DAG(order=tuple(_topological_order(list(parents), parents)), parents=parents)
+
+
+def _topological_order(nodes: list[str], parents: dict[str, dict[str, str]]) -> list[str]:
+    """Kahn's algorithm, keeping the file's order among independent stages."""
+    order: list[str] = []
+    placed: set[str] = set()
+    remaining = list(nodes)
+    while remaining:
+        ready = [n for n in remaining if set(parents[n].values()) <= placed]
+        if not ready:
+            raise DAGError(f"the stages form a cycle: {' -> '.join(_find_cycle(remaining, parents))}")
+        for node in ready:
+            order.append(node)
+            placed.add(node)
+        remaining = [n for n in remaining if n not in placed]
+    return order
+
+
+def _find_cycle(nodes: list[str], parents: dict[str, dict[str, str]]) -> list[str]:
+    """One cycle among the nodes that could not be ordered, for the error message."""
+    path: list[str] = []
+    node = nodes[0]
+    while node not in path:
+        path.append(node)
+        node = next(p for p in parents[node].values() if p in nodes)
+    cycle = path[path.index(node):] + [node]
+    return list(reversed(cycle))

@@ -1,0 +1,186 @@
+"""Walk the DAG: fingerprint each stage, skip what is cached, run the rest on Ray, record manifests."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.dag import BASE, DAG, build_dag
+from pipeline.spec import PipelineSpec
+from pipeline.store import Artifact, ArtifactStore, fingerprint, library_versions, now, rayalign_version, write_json
+
+
+class RunError(RuntimeError):
+    """A stage could not run (missing upstream, failed training); names the stage."""
+
+
+@dataclass
+class Plan:
+    """What a run would do: each node's fingerprint and whether its artifact already exists."""
+
+    dag: DAG
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    cached: dict[str, Artifact | None] = field(default_factory=dict)
+    selected: list[str] = field(default_factory=list)  # nodes this run executes (or takes from cache)
+
+
+def log(message: str) -> None:
+    print(f"[rayalign] {message}", file=sys.stderr, flush=True)
+
+
+def stage_fingerprint(spec: PipelineSpec, node: str, upstream: dict[str, str]) -> str:
+    """Hash of everything that determines a stage's output: config, upstream outputs, data, code version."""
+    from stages.stage import data_sources
+
+    if node == BASE:
+        payload = {"base": spec.base.model_dump(), "version": rayalign_version()}
+        return fingerprint(payload)
+    config = spec.stages[node]
+    data = {name: data_fingerprint(spec.resolve_path(d.path)) for name, (d, _) in data_sources(config).items()}
+    payload = {
+        "config": config.model_dump(mode="json", by_alias=True),
+        "upstream": upstream,
+        "data": data,
+        "version": rayalign_version(),
+    }
+    return fingerprint(payload)
+
+
+def data_fingerprint(path: str) -> str:
+    """Content hash of a data source; for builtin tasks, the task's version and parameters."""
+    from stages.data.loader import BUILTIN_SOURCES, fingerprint_source, parse_builtin
+
+    if path.startswith("builtin:"):
+        import stages.tasks  # noqa: F401  (registers the builtin sources)
+
+        name, split = parse_builtin(path)
+        return fingerprint({"builtin": name, "split": split, "version": getattr(BUILTIN_SOURCES.get(name), "version", None)})
+    return fingerprint_source(path)
+
+
+def plan(spec: PipelineSpec, only: list[str] | None = None, inputs: dict[str, str] | None = None) -> Plan:
+    dag = build_dag(spec)
+    store = ArtifactStore(spec.run_root())
+    inputs = inputs or {}
+    for stage in [*(only or []), *inputs]:
+        if stage not in dag.order:
+            raise RunError(f"{stage!r} is not a stage of this pipeline (stages: {', '.join(dag.order)})")
+    result = Plan(dag=dag, selected=list(only) if only else [n for n in dag.order if n not in inputs])
+    for node in dag.order:
+        if node in inputs:
+            artifact = Artifact.external(node, inputs[node])
+            result.fingerprints[node], result.cached[node] = artifact.fingerprint, artifact
+            continue
+        if node == BASE and not spec.base.model.startswith("builtin:"):
+            artifact = Artifact.external(BASE, spec.resolve_path(spec.base.model))
+            result.fingerprints[node], result.cached[node] = artifact.fingerprint, artifact
+            continue
+        upstream = {role: result.fingerprints[parent] for role, parent in dag.parents[node].items()}
+        fp = stage_fingerprint(spec, node, upstream)
+        result.fingerprints[node] = fp
+        result.cached[node] = store.find(node, fp)
+    return result
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    *,
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    inputs: dict[str, str] | None = None,
+) -> dict[str, Artifact]:
+    """Run the stages of a pipeline in dependency order; returns node -> artifact."""
+    the_plan = plan(spec, only=only, inputs=inputs)
+    store = ArtifactStore(spec.run_root())
+    force = set(force or [])
+    artifacts: dict[str, Artifact] = {}
+    needed = the_plan.dag.upstream_closure(set(the_plan.selected))
+    for node in the_plan.dag.order:
+        if node not in needed:
+            continue
+        fp, cached = the_plan.fingerprints[node], the_plan.cached[node]
+        if node != BASE and node not in (inputs or {}):
+            # Fingerprint against the upstream artifacts actually used (--only may take older ones).
+            upstream = {role: artifacts[p].fingerprint for role, p in the_plan.dag.parents[node].items()}
+            fp = stage_fingerprint(spec, node, upstream)
+            cached = store.find(node, fp)
+        if node == BASE and not spec.base.model.startswith("builtin:") and node not in (inputs or {}):
+            artifacts[node] = Artifact.external(BASE, spec.resolve_path(spec.base.model))
+        elif node in (inputs or {}):
+            log(f"{node}: using --input {cached.path}")
+            artifacts[node] = cached
+        elif cached is not None and node not in force:
+            log(f"{node}: cached ({fp}) at {cached.path}")
+            artifacts[node] = cached
+        elif node in the_plan.selected or node == BASE:
+            # The builtin base is rebuilt when absent: it is cheap and deterministic.
+            artifacts[node] = run_stage(spec, the_plan.dag, node, fp, artifacts, store)
+        else:
+            artifacts[node] = _upstream_from_store(store, node, fp)
+    return artifacts
+
+
+def _upstream_from_store(store: ArtifactStore, node: str, fp: str) -> Artifact:
+    """An upstream of an ``--only`` stage: the exact artifact, else the newest complete one."""
+    artifact = store.find(node, fp)
+    if artifact is not None:
+        log(f"{node}: using stored artifact {fp}")
+        return artifact
+    artifact = store.latest(node)
+    if artifact is not None:
+        log(f"{node}: no artifact for the current config ({fp}); using the newest stored one, {artifact.fingerprint}")
+        return artifact
+    raise RunError(
+        f"stage {node!r} is needed upstream but has no complete artifact in {store.stage_dir(node)}; "
+        f"run it first, or pass --input {node}=PATH (an existing HF folder)"
+    )
+
+
+def run_stage(
+    spec: PipelineSpec, dag: DAG, node: str, fp: str, artifacts: dict[str, Artifact], store: ArtifactStore
+) -> Artifact:
+    from stages.stage import StageContext, Stopwatch, stage_runner
+
+    config = spec.stages.get(node)
+    kind = config.kind if config is not None else "base"
+    work_dir = store.partial_dir(node, fp)
+    inputs = {role: artifacts[parent] for role, parent in dag.parents[node].items()}
+    ctx = StageContext(name=node, config=config, spec=spec, inputs=inputs, work_dir=work_dir, fingerprint=fp)
+    manifest = {
+        "stage": node,
+        "kind": kind,
+        "fingerprint": fp,
+        "status": "running",
+        "inputs": {parent: artifacts[parent].fingerprint for parent in dag.parents[node].values()},
+        "input_roles": dict(dag.parents[node]),
+        "config": config.model_dump(mode="json", by_alias=True) if config else spec.base.model_dump(mode="json"),
+        "started": now(),
+        "versions": library_versions(),
+    }
+    write_json(work_dir / "manifest.json", manifest)
+    log(f"{node}: running {kind} stage ({fp}) in {work_dir}")
+    watch = Stopwatch()
+    try:
+        result = stage_runner(kind)(ctx)
+    except Exception as err:
+        write_json(work_dir / "manifest.json", {**manifest, "status": "failed", "error": repr(err),
+                                                 "traceback": traceback.format_exc()})
+        raise RunError(f"stage {node!r} failed: {err}") from err
+    manifest.update(result.manifest)
+    manifest.update(
+        metrics=result.metrics,
+        curves=result.curves,
+        data=result.data,
+        seconds=watch.seconds,
+    )
+    artifact = store.commit(node, fp, manifest)
+    log(f"{node}: complete in {watch.seconds:.1f}s -> {artifact.path}")
+    return artifact
+
+
+def ensure_run_folder(spec: PipelineSpec) -> Path:
+    root = spec.run_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root

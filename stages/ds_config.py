@@ -1,0 +1,35 @@
+"""DeepSpeed config generated from the stage's typed ``deepspeed`` section.
+
+Batch sizes, clipping and precision are left as ``"auto"`` so that the HF Trainer fills them
+from the training arguments: one source of truth for those numbers.
+"""
+
+from __future__ import annotations
+
+from pipeline.spec import DeepSpeedConfig
+
+
+def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:
+    """The ZeRO config dict for ``TrainingArguments(deepspeed=...)``, or None when disabled."""
+    if cfg.zero_stage is None:
+        return None
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if cfg.zero_stage == 3:
+        # Save full 16-bit weights, so the saved folder is a plain HF checkpoint.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000,  # the trainer's own logging is enough
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,112 @@
+"""The one Ray Train launcher every training stage uses.
+
+A stage gives it a per-worker training function (``train_fn_per_worker(args)``) and the
+arguments; the launcher builds the ``TorchTrainer`` from the stage's ``scaling`` section, runs
+it, and returns what rank 0 wrote (log history, final metrics). Checkpoints go to the stage's
+partial folder, so a stage killed mid-run resumes from its last checkpoint on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from pipeline.spec import TrainingStageConfig
+from stages.models import is_adapter, merge_adapter, resolve_precision
+from stages.stage import StageContext
+
+TRAIN_LOG = "train_log.json"
+
+
+def worker_env(ctx: StageContext) -> dict[str, str]:
+    """Environment for training workers: offline hub, quiet Ray prints, tracking destinations."""
+    env = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+    }
+    tracking = ctx.spec.tracking
+    run_root = ctx.spec.run_root()
+    if tracking.backend == "tensorboard":
+        env["TENSORBOARD_LOGGING_DIR"] = str(run_root / "tensorboard" / ctx.name)
+    elif tracking.backend == "mlflow":
+        env["MLFLOW_TRACKING_URI"] = tracking.mlflow_uri or (run_root / "mlruns").as_uri()
+        env["MLFLOW_EXPERIMENT_NAME"] = ctx.spec.name
+        env["MLFLOW_RUN_NAME"] = ctx.name
+    elif tracking.backend == "wandb":
+        env["WANDB_PROJECT"] = tracking.project or ctx.spec.name
+        env["WANDB_DIR"] = str(run_root)
+        env["WANDB_NAME"] = ctx.name
+    return env
+
+
+def report_to(ctx: StageContext) -> str:
+    return ctx.spec.tracking.backend
+
+
+def common_worker_args(ctx: StageContext, config: TrainingStageConfig, model_source: Path, **extra) -> dict:
+    """The arguments every training worker function takes; stages add their own in ``extra``."""
+    return {
+        "stage": ctx.name,
+        "work_dir": str(ctx.work_dir),
+        "model_dir": str(ctx.model_dir),
+        "model_source": str(model_source),
+        "train": config.train.model_dump(),
+        "peft": config.peft.model_dump(),
+        "deepspeed": config.deepspeed.model_dump(),
+        "chat_template": config.chat_template,
+        "merge": config.merge,
+        "precision": resolve_precision(config.train.precision, config.scaling.use_gpu),
+        "use_gpu": config.scaling.use_gpu,
+        "threads": max(1, int(config.scaling.cpus_per_worker)),
+        "report_to": report_to(ctx),
+        "env": worker_env(ctx),
+        "trust_remote_code": ctx.spec.base.trust_remote_code,
+        **extra,
+    }
+
+
+def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: Callable[[dict], None],
+           args: dict) -> dict:
+    """Run ``train_fn_per_worker`` on a Ray Train worker group; returns rank 0's training log."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import ensure_ray
+
+    ensure_ray(ctx.spec)
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_fn_per_worker,
+        train_loop_config=args,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            # The same name and storage on a rerun make Ray restore the last reported checkpoint.
+            name=f"{ctx.name}-{ctx.fingerprint}",
+            storage_path=str(ctx.work_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            worker_runtime_env={"env_vars": args["env"]},
+        ),
+    )
+    ctx.log(f"Ray Train: {scaling.num_workers} worker(s), {resources} each, ZeRO {config.deepspeed.zero_stage}, "
+            f"peft {config.peft.method}")
+    trainer.fit()
+    log = json.loads((ctx.work_dir / TRAIN_LOG).read_text())
+    # Resume points are only needed until the stage completes.
+    for transient in ("checkpoints", "ray"):
+        shutil.rmtree(ctx.work_dir / transient, ignore_errors=True)
+    if config.merge and is_adapter(ctx.model_dir):
+        # In the driver: inside a ZeRO-3 worker, from_pretrained would wait on the other ranks.
+        merge_adapter(ctx.model_dir, ctx.work_dir / "merged", trust_remote_code=ctx.spec.base.trust_remote_code)
+        ctx.log(f"merged the adapter into {ctx.work_dir / 'merged'}")
+    return log

@@ -1,0 +1,24 @@
+"""The ``base`` node: the pretrained checkpoint every chain starts from.
+
+A hub id or a local folder is used as it is (never copied); ``builtin:tiny-llama`` is built
+offline (tokenizer, Llama, brief pretraining) into the store and cached like any stage.
+"""
+
+from __future__ import annotations
+
+from stages.stage import StageContext, StageResult
+
+BUILTIN_BASES = ("tiny-llama",)
+
+
+def run(ctx: StageContext) -> StageResult:
+    from stages.tiny_base import build_tiny_base
+
+    base = ctx.spec.base
+    name = base.model.removeprefix("builtin:")
+    if name not in BUILTIN_BASES:
+        raise ValueError(f"base.model: unknown builtin base {name!r}; builtin bases: {', '.join(BUILTIN_BASES)}")
+    info = build_tiny_base(ctx.model_dir, name=name, pretrain_steps=base.pretrain_steps, seed=base.seed)
+    curve = [{"step": p["step"], "value": p["loss"]} for p in info.get("pretrain_loss", [])]
+    metrics = {k: info[k] for k in ("parameters", "vocab_size", "pretrain_steps", "final_loss", "build_seconds")}
+    return StageResult(metrics=metrics, curves={"loss": curve} if curve else {}, manifest={"model_type": "full"})

@@ -1,0 +1,49 @@
+"""Shared fixtures: one local Ray instance and one tiny base model for the whole test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real public datasets); tests that need it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (the project's ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for every test that needs one (starting Ray costs seconds)."""
+    import ray
+
+    from pipeline.cluster import DRIVER_ENV
+
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, namespace="rayalign")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The builtin tiny base (briefly pretrained), built once per session."""
+    from stages.tiny_base import build_tiny_base
+
+    out = tmp_path_factory.mktemp("tiny-base") / "model"
+    build_tiny_base(out, pretrain_steps=30, seed=0)
+    return out

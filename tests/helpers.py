@@ -1,0 +1,27 @@
+"""Small builders shared by tests (pipeline specs around the session's tiny base)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from pipeline.spec import PipelineSpec, parse_spec
+
+QUICK_TRAIN = {"max_steps": 4, "lr": 3.0e-3, "batch_size": 8, "max_length": 32, "logging_steps": 1}
+
+
+def make_spec(storage: Path, base: Path | str, stages: dict, name: str = "t", **top) -> PipelineSpec:
+    raw = {"name": name, "storage": str(storage), "base": {"model": str(base)}, "stages": copy.deepcopy(stages), **top}
+    return parse_spec(raw)
+
+
+def quick_sft(**overrides) -> dict:
+    """A few-step SFT stage on the builtin addition task: 1 worker, no DeepSpeed."""
+    stage = {"kind": "sft", "data": {"path": "builtin:addition", "limit": 256}, "peft": {"method": "lora", "r": 4},
+             "train": dict(QUICK_TRAIN)}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(stage.get(key), dict):
+            stage[key] = {**stage[key], **value}
+        else:
+            stage[key] = value
+    return stage
