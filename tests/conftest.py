@@ -47,3 +47,10 @@ def tiny_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-base") / "model"
     build_tiny_base(out, pretrain_steps=30, seed=0)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that touch vLLM carry the ``vllm`` mark, so `make test` runs them in the vLLM venv."""
+    for item in items:
+        if "vllm" in item.nodeid.lower() or "vllm_engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)

@@ -67,7 +67,7 @@ def test_killed_stage_leaves_nothing_complete_and_resumes(ray_cluster, tiny_base
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stage_dir = tmp_path / "t" / "sft"
     deadline = time.monotonic() + 240
-    while not list(stage_dir.glob(".partial-*/checkpoints/checkpoint-*")):
+    while not list(stage_dir.glob(".partial-*/checkpoints/checkpoint-*/trainer_state.json")):
         assert run.poll() is None, "the run ended before it was killed"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)

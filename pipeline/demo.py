@@ -1,0 +1,66 @@
+"""``make demo``: run a pipeline file on a local Ray instance and print what it achieved.
+
+    python -m pipeline.demo configs/tiny.yaml
+
+Runs every stage (cached stages are skipped), then prints the held-out verifier accuracy of
+every model in the DAG on the built-in task, and where the artifacts are.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from pipeline.runner import run_pipeline
+from pipeline.spec import load_spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = argv[0] if argv else "configs/tiny.yaml"
+    spec = load_spec(config, argv[1:])
+    started = time.monotonic()
+    artifacts = run_pipeline(spec)
+    elapsed = time.monotonic() - started
+    print(f"\n{spec.name}: pipeline finished in {elapsed:.0f}s; artifacts under {spec.run_root()}")
+    for node, artifact in artifacts.items():
+        print(f"  {node:<10} {artifact.manifest.get('kind', '?'):<8} {artifact.path}")
+    eval_tables = [a for a in artifacts.values() if a.manifest.get("kind") == "eval"]
+    if eval_tables:
+        for artifact in eval_tables:
+            print_eval_table(artifact)
+    else:
+        print_task_accuracy(spec, artifacts)
+    report = spec.run_root() / "report" / "index.html"
+    if report.exists():
+        print(f"\nreport: {report}")
+    return 0
+
+
+def print_eval_table(artifact) -> None:
+    from stages.evaluate.stage import format_table
+
+    print()
+    print(format_table(artifact))
+
+
+def print_task_accuracy(spec, artifacts) -> None:
+    """Greedy held-out accuracy of each causal-LM model on the built-in task (no eval stage)."""
+    from stages.task_accuracy import heldout_accuracy
+
+    task = next((s.data.path.removeprefix("builtin:").split("/")[0] for s in spec.stages.values()
+                 if getattr(s, "data", None) is not None and s.data.path.startswith("builtin:")), None)
+    if task is None:
+        return
+    print(f"\nheld-out accuracy on builtin:{task}/test (greedy):")
+    for node, artifact in artifacts.items():
+        if artifact.manifest.get("kind") in ("reward", "eval"):
+            continue
+        result = heldout_accuracy(Path(artifact.model_dir), task)
+        print(f"  {node:<10} {result['accuracy']:.1%}  ({result['correct']}/{result['total']}; "
+              + ", ".join(f"{k} {v:.1%}" for k, v in result["by_category"].items()) + ")")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,559 @@
+"""The run report: ``<storage>/<name>/report/index.html`` (self-contained) and ``report.md``.
+
+    rayalign report CONFIG          # rebuild it from the store, without training
+    from pipeline.report import build_report
+    path = build_report(spec)       # -> .../report/index.html
+
+It only reads the store, so it works for a partial run: every node of the DAG is listed with its
+status (complete, running, failed, stale: only an artifact of an older config, pending), time and
+fingerprint. Then the eval stages' metrics per model (with 95% intervals), accuracy and win-rate
+bars, sample responses, every stage's training curves (manifest ``curves``), reward against KL for
+RL stages (curves ``reward_mean`` and ``kl``, else any ``*reward*`` and ``*kl*``), and sweep
+results (``<run>/sweeps/*/results.json`` and ``results.png``).
+
+``index.html`` has its CSS inline and its plots as base64 PNGs (matplotlib, Agg), so it opens
+from disk with no server; ``report.md`` links the same PNGs, written to ``report/img/``. A small
+inline script writes each image's load status into ``#image-status`` (read by the tests).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.spec import PipelineSpec
+from pipeline.store import MANIFEST, PARTIAL_PREFIX, Artifact, ArtifactStore, now
+
+STATUS_COLORS = {"complete": "#2e7d32", "external": "#1565c0", "stale": "#ef6c00", "running": "#6a1b9a",
+                 "failed": "#c62828", "pending": "#757575"}
+CURVE_PRIORITY = ("loss", "eval_loss", "reward_mean", "kl", "learning_rate", "lr", "grad_norm")
+MAX_CURVES = 12
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str
+    parents: dict[str, str]
+    fingerprint: str | None
+    status: str
+    manifest: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    png: bytes
+
+
+# --------------------------------------------------------------------------- reading the store
+
+
+def collect(spec: PipelineSpec) -> list[Node]:
+    """Every node of the DAG with its status and (when there is one) its manifest."""
+    from pipeline.dag import build_dag
+
+    store = ArtifactStore(spec.run_root())
+    dag = build_dag(spec)
+    try:
+        from pipeline.runner import plan
+
+        the_plan = plan(spec)
+        fingerprints, cached = the_plan.fingerprints, the_plan.cached
+    except Exception:  # noqa: BLE001 - e.g. a data file gone: report what the store holds
+        fingerprints, cached = {}, {}
+    nodes = []
+    for name in dag.order:
+        kind = spec.stages[name].kind if name in spec.stages else "base"
+        fp = fingerprints.get(name)
+        artifact: Artifact | None = cached.get(name)
+        status, manifest, path = "pending", {}, None
+        if artifact is not None:
+            status = "external" if artifact.manifest.get("kind") == "external" else "complete"
+            manifest, path = artifact.manifest, artifact.path
+        else:
+            partial = store.stage_dir(name) / f"{PARTIAL_PREFIX}{fp}" / MANIFEST if fp else None
+            if partial is not None and partial.exists():
+                try:
+                    manifest = json.loads(partial.read_text())
+                    status, path = ("failed" if manifest.get("status") == "failed" else "running"), partial.parent
+                except json.JSONDecodeError:
+                    pass
+            if status == "pending" and (latest := store.latest(name)) is not None:
+                status, manifest, path = "stale", latest.manifest, latest.path
+        nodes.append(Node(name, kind, dict(dag.parents[name]), fp or manifest.get("fingerprint"), status,
+                          manifest, path))
+    return nodes
+
+
+def sweep_results(spec: PipelineSpec) -> list[dict]:
+    out = []
+    for folder in sorted((spec.run_root() / "sweeps").glob("*")):
+        results = folder / "results.json"
+        png = folder / "results.png"
+        if not results.exists() and not png.exists():
+            continue
+        try:
+            data = json.loads(results.read_text()) if results.exists() else {}
+        except json.JSONDecodeError:
+            data = {}
+        out.append({"name": folder.name, "results": data, "png": png.read_bytes() if png.exists() else None})
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return buffer.getvalue()
+
+
+def plot_dag(nodes: list[Node]) -> bytes:
+    """Nodes in layers (longest path from base), arrows parent -> child, colored by status."""
+    plt = _plt()
+    depth: dict[str, int] = {}
+    for node in nodes:  # topological order
+        depth[node.name] = 1 + max((depth[p] for p in node.parents.values() if p in depth), default=-1)
+    layers: dict[int, list[str]] = {}
+    for node in nodes:
+        layers.setdefault(depth[node.name], []).append(node.name)
+    pos = {name: (d, -(i - (len(names) - 1) / 2)) for d, names in layers.items() for i, name in enumerate(names)}
+    width = max(4.0, 1.9 * len(layers))
+    height = max(1.8, 1.0 * max(len(v) for v in layers.values()))
+    fig, ax = plt.subplots(figsize=(width, height))
+    by_name = {n.name: n for n in nodes}
+    for node in nodes:
+        for parent in set(node.parents.values()):
+            (x0, y0), (x1, y1) = pos[parent], pos[node.name]
+            skip = depth[node.name] - depth[parent] > 1  # bend edges that jump a layer around its boxes
+            ax.annotate("", xy=(x1 - 0.3, y1), xytext=(x0 + 0.3, y0),
+                        arrowprops={"arrowstyle": "->", "color": "#555", "lw": 1.2, "shrinkA": 2, "shrinkB": 2,
+                                    "connectionstyle": f"arc3,rad={-0.35 if skip else 0.0}"})
+    for name, (x, y) in pos.items():
+        node = by_name[name]
+        color = STATUS_COLORS.get(node.status, "#757575")
+        ax.text(x, y, f"{name}\n{node.kind} · {node.status}", ha="center", va="center", fontsize=9, color="white",
+                bbox={"boxstyle": "round,pad=0.4", "facecolor": color, "edgecolor": "none"})
+    ax.set_xlim(-0.6, max(layers) + 0.6)
+    ys = [y for _, y in pos.values()]
+    ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
+    ax.axis("off")
+    return _png(fig)
+
+
+def _ordered_curves(curves: dict[str, list]) -> list[str]:
+    names = [n for n in curves if len(curves[n]) > 0]
+    first = [n for n in CURVE_PRIORITY if n in names]
+    return (first + sorted(n for n in names if n not in first))[:MAX_CURVES]
+
+
+def plot_curves(stage: str, curves: dict[str, list]) -> bytes:
+    """One small panel per curve (value against step)."""
+    plt = _plt()
+    names = _ordered_curves(curves)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        points = [p for p in curves[name] if _finite(p.get("value"))]
+        steps = [p.get("step") or 0 for p in points]
+        ax.plot(steps, [p["value"] for p in points], marker="o" if len(points) < 20 else None, ms=3, lw=1.4)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{stage}: training curves", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def reward_kl_curves(curves: dict[str, list]) -> tuple[str, str] | None:
+    """The (reward, kl) curve names of an RL stage: reward_mean and kl, else any *reward* and *kl*."""
+    if "reward_mean" in curves and "kl" in curves:
+        return "reward_mean", "kl"
+    rewards = sorted(n for n in curves if "reward" in n.lower() and "std" not in n.lower())
+    kls = sorted(n for n in curves if re.search(r"(^|[_/])kl($|[_/])", n.lower()) and "coef" not in n.lower())
+    return (rewards[0], kls[0]) if rewards and kls else None
+
+
+def plot_reward_kl(stage: str, curves: dict[str, list], reward: str, kl: str) -> bytes:
+    """Left: reward and KL over steps; right: reward against KL, colored by step."""
+    plt = _plt()
+    r = {p["step"]: p["value"] for p in curves[reward] if _finite(p.get("value"))}
+    k = {p["step"]: p["value"] for p in curves[kl] if _finite(p.get("value"))}
+    steps = sorted(set(r) & set(k))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    left.plot(sorted(r), [r[s] for s in sorted(r)], color="#2e7d32", label=reward)
+    left.set_xlabel("step")
+    left.set_ylabel(reward, color="#2e7d32")
+    twin = left.twinx()
+    twin.plot(sorted(k), [k[s] for s in sorted(k)], color="#c62828", label=kl)
+    twin.set_ylabel(kl, color="#c62828")
+    left.set_title(f"{stage}: {reward} and {kl} over steps", fontsize=10)
+    right.plot([k[s] for s in steps], [r[s] for s in steps], color="#999", lw=0.8)
+    points = right.scatter([k[s] for s in steps], [r[s] for s in steps], c=steps, cmap="viridis", s=18, zorder=3)
+    fig.colorbar(points, ax=right, label="step")
+    right.set_xlabel(kl)
+    right.set_ylabel(reward)
+    right.set_title(f"{stage}: {reward} against {kl}", fontsize=10)
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_bars(title: str, groups: list[str], series: dict[str, list[tuple[float, float, float] | None]],
+              ylabel: str, reference_line: float | None = None) -> bytes:
+    """Grouped bars (one group per model, one bar per series) with asymmetric error bars (value, low, high)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) * max(1, len(series)) ** 0.5 + 2), 3.4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ys = [v[0] if v else 0.0 for v in values]
+        err = [[max(0.0, v[0] - v[1]) if v else 0.0 for v in values], [max(0.0, v[2] - v[0]) if v else 0.0 for v in values]]
+        ax.bar(xs, ys, width=width * 0.95, label=name, yerr=err, capsize=3)
+    if reference_line is not None:
+        ax.axhline(reference_line, color="#555", ls="--", lw=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=8, ncols=min(4, len(series)))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def eval_figures(node: Node) -> list[Figure]:
+    metrics = node.manifest.get("metrics") or {}
+    models = list(metrics)
+    figures = []
+    tasks = list(dict.fromkeys(t for m in metrics.values() for t in (m.get("tasks") or {})))
+    for task in tasks:
+        categories = list(dict.fromkeys(c for m in metrics.values()
+                                        for c in ((m.get("tasks") or {}).get(task, {}).get("categories") or {})))
+        series: dict[str, list] = {"all": [], **{c: [] for c in categories}}
+        for model in models:
+            result = (metrics[model].get("tasks") or {}).get(task)
+            series["all"].append(_with_ci(result, "accuracy"))
+            for c in categories:
+                series[c].append(_with_ci((result or {}).get("categories", {}).get(c), "accuracy"))
+        figures.append(Figure(f"{node.name}-accuracy-{task}", f"{task}: verifier accuracy (95% Wilson CI)",
+                              plot_bars(f"{node.name}: {task} accuracy", models, series, "accuracy")))
+    if any(m.get("win_rate") for m in metrics.values()):
+        series = {"win rate": [_with_ci(m.get("win_rate"), "win_rate") for m in metrics.values()]}
+        reference = (node.manifest.get("eval") or {}).get("reference")
+        figures.append(Figure(f"{node.name}-win-rate", f"win rate against {reference} (reward model; ties half; 95% CI)",
+                              plot_bars(f"{node.name}: win rate vs {reference}", models, series, "win rate", 0.5)))
+    return figures
+
+
+def _with_ci(result: dict | None, key: str) -> tuple[float, float, float] | None:
+    if not result or not _finite(result.get(key)):
+        return None
+    low, high = result.get("ci") or [result[key], result[key]]
+    return result[key], low if _finite(low) else result[key], high if _finite(high) else result[key]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def eval_columns(metrics: dict) -> list[tuple[str, str]]:
+    """(column key, header) of the eval table, for whatever the models have."""
+    columns = []
+    for task in dict.fromkeys(t for m in metrics.values() for t in (m.get("tasks") or {})):
+        columns.append((f"tasks.{task}", f"{task} acc"))
+        for c in dict.fromkeys(c for m in metrics.values() for c in ((m.get("tasks") or {}).get(task, {})
+                                                                      .get("categories") or {})):
+            columns.append((f"tasks.{task}.{c}", f"{task}/{c}"))
+    for key, header in (("reward", "reward"), ("win_rate", "win rate"), ("kl", "KL to ref"), ("length", "length"),
+                        ("perplexity", "perplexity"), ("preference", "pref. ranking")):
+        if any(m.get(key) for m in metrics.values()):
+            columns.append((key, header))
+    return columns
+
+
+def eval_cell(model_metrics: dict, column: str) -> tuple[float | None, str]:
+    """(the number, its text) of one cell; the number is the manifest's value, unrounded."""
+    if column.startswith("tasks."):
+        parts = column.split(".")
+        result = (model_metrics.get("tasks") or {}).get(parts[1])
+        if result and len(parts) == 3:
+            result = (result.get("categories") or {}).get(parts[2])
+        if not result:
+            return None, "–"
+        return result["accuracy"], f"{result['accuracy']:.3f}\n[{result['ci'][0]:.2f}, {result['ci'][1]:.2f}] n={result['n']}"
+    result = model_metrics.get(column)
+    if not result:
+        return None, "–"
+    if column == "reward":
+        return result["mean"], f"{result['mean']:.3f}\n± {result['std']:.3f} (std)"
+    if column == "win_rate":
+        return result["win_rate"], (f"{result['win_rate']:.3f}\n[{result['ci'][0]:.2f}, {result['ci'][1]:.2f}] "
+                                    f"W{result['wins']}/T{result['ties']}/L{result['losses']}")
+    if column == "kl":
+        return result["kl"], f"{result['kl']:.3f}\n[{result['ci'][0]:.2f}, {result['ci'][1]:.2f}]"
+    if column == "length":
+        return result["mean_tokens"], f"{result['mean_tokens']:.1f} tok\n{result['finished']:.0%} end on eos"
+    if column == "perplexity":
+        return result["perplexity"], f"{result['perplexity']:.3f}"
+    if column == "preference":
+        return result["accuracy"], f"{result['accuracy']:.3f}\n[{result['ci'][0]:.2f}, {result['ci'][1]:.2f}] n={result['n']}"
+    return None, "–"
+
+
+def _duration(seconds) -> str:
+    if not _finite(seconds):
+        return "–"
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+# --------------------------------------------------------------------------- rendering
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
+main{max-width:1150px;margin:0 auto;padding:18px 28px 60px}
+h1{font-size:24px;margin:8px 0 2px}h2{font-size:19px;border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:34px}
+h3{font-size:15px;margin:22px 0 6px}.muted{color:#777;font-size:13px}
+table{border-collapse:collapse;margin:8px 0 14px;font-size:13px;background:#fff}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+code{font-size:12px;background:#f0f0f0;padding:1px 4px;border-radius:3px}
+.status{color:#fff;border-radius:10px;padding:1px 8px;font-size:12px}
+img{max-width:100%;border:1px solid #e4e4e4;background:#fff;margin:6px 0}
+pre{white-space:pre-wrap;background:#fff;border:1px solid #e4e4e4;padding:6px;font-size:12px;margin:0}
+.samples td{max-width:360px}.ok{color:#2e7d32;font-weight:bold}.bad{color:#c62828;font-weight:bold}
+#image-status{display:none}.scroll{overflow-x:auto}.ci{color:#777;font-size:11px}
+"""
+
+IMAGE_SCRIPT = """
+window.addEventListener('load', function () {
+  var status = Array.prototype.map.call(document.images, function (img) {
+    return {alt: img.alt, loaded: img.complete && img.naturalWidth > 0, width: img.naturalWidth};
+  });
+  document.getElementById('image-status').textContent = JSON.stringify(status);
+  document.body.setAttribute('data-images', status.every(function (s) { return s.loaded; }) ? 'ok' : 'broken');
+});
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _img(figure: Figure) -> str:
+    data = base64.b64encode(figure.png).decode()
+    return f'<img alt="{_e(figure.key)}" title="{_e(figure.title)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(spec: PipelineSpec, nodes: list[Node], dag_figure: Figure, sections: list[dict], sweeps: list[dict]) -> str:
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>rayalign report: {_e(spec.name)}"
+           f"</title><style>{CSS}</style></head><body data-images='pending'><main>",
+           f"<h1>rayalign report: {_e(spec.name)}</h1>",
+           f"<div class='muted'>store <code>{_e(spec.run_root())}</code> · generated {_e(now())} · "
+           f"{sum(n.status in ('complete', 'external') for n in nodes)}/{len(nodes)} nodes complete</div>",
+           "<h2 id='dag'>Pipeline</h2>", _img(dag_figure),
+           "<table id='stages'><tr><th>stage</th><th>kind</th><th>inputs</th><th>status</th><th>fingerprint</th>"
+           "<th>started</th><th>time</th></tr>"]
+    for node in nodes:
+        inputs = ", ".join(f"{role}={p}" for role, p in node.parents.items()) or "–"
+        color = STATUS_COLORS.get(node.status, "#757575")
+        error = f"<div class='muted'>{_e(node.manifest.get('error', ''))[:300]}</div>" if node.status == "failed" else ""
+        out.append(f"<tr data-stage='{_e(node.name)}'><td><b>{_e(node.name)}</b></td><td>{_e(node.kind)}</td>"
+                   f"<td>{_e(inputs)}</td><td><span class='status' style='background:{color}'>{_e(node.status)}</span>"
+                   f"{error}</td><td><code>{_e(node.fingerprint or '–')}</code></td>"
+                   f"<td>{_e(node.manifest.get('started', '–'))}</td>"
+                   f"<td class='num'>{_duration(node.manifest.get('seconds'))}</td></tr>")
+    out.append("</table>")
+    for section in sections:
+        out.append(f"<h2 id='{_e(section['id'])}'>{_e(section['title'])}</h2>")
+        out += section["html"]
+    if sweeps:
+        out.append("<h2 id='sweeps'>Sweeps</h2>")
+        for sweep in sweeps:
+            out += sweep_html(sweep)
+    out.append(f"<pre id='image-status'></pre></main><script>{IMAGE_SCRIPT}</script></body></html>")
+    return "\n".join(out)
+
+
+def eval_section(node: Node, figures: list[Figure]) -> dict:
+    metrics = node.manifest.get("metrics") or {}
+    info = node.manifest.get("eval") or {}
+    columns = eval_columns(metrics)
+    parts = [f"<p class='muted'>stage <b>{_e(node.name)}</b> ({_e(node.status)}) · reference <b>{_e(info.get('reference'))}"
+             f"</b> · reward model <b>{_e(info.get('reward') or '–')}</b> · engine {_e(info.get('engine'))} · sampling "
+             f"<code>{_e(json.dumps(info.get('sampling', {})))}</code> · reused: {_e(', '.join(info.get('reused') or []) or 'none')}"
+             f" · {_e(info.get('lm_eval', ''))}</p>",
+             f"<div class='scroll'><table class='eval-metrics' data-stage='{_e(node.name)}'><tr><th>model</th>"
+             + "".join(f"<th>{_e(h)}</th>" for _, h in columns) + "</tr>"]
+    for model, m in metrics.items():
+        cells = []
+        for key, _ in columns:
+            value, text = eval_cell(m, key)
+            attr = f" data-value='{value!r}'" if value is not None else ""
+            head, _, rest = text.partition("\n")
+            rest = f"<br><span class='ci'>{_e(rest)}</span>" if rest else ""
+            cells.append(f"<td class='num' data-model='{_e(model)}' data-metric='{_e(key)}'{attr}>"
+                         f"<span class='value'>{_e(head)}</span>{rest}</td>")
+        out_name = f"{model} (ref)" if model == info.get("reference") else model
+        parts.append(f"<tr><td><b>{_e(out_name)}</b></td>{''.join(cells)}</tr>")
+    parts.append("</table></div><p class='muted'>Accuracy and ranking: Wilson 95% intervals; win rate: ties (identical "
+                 "responses or equal rewards) count half, normal 95% interval; KL: mean over the policy's own samples "
+                 "(temperature 1) of log π − log π_ref summed over the response, normal 95% interval.</p>")
+    parts += [_img(f) for f in figures]
+    samples = info.get("samples") or {}
+    if samples:
+        parts.append("<h3>Sample responses</h3>")
+        rows = list(zip(*[[(model, s) for s in samples[model]] for model in samples]))
+        parts.append("<table class='samples'><tr><th>prompt</th>" + "".join(f"<th>{_e(m)}</th>" for m in samples) + "</tr>")
+        for row in rows:
+            first = row[0][1]
+            answer = f"<div class='muted'>answer: {_e(first.get('answer'))}</div>" if first.get("answer") else ""
+            cells = []
+            for _, s in row:
+                mark = "" if s.get("correct") is None else (" <span class='ok'>✓</span>" if s["correct"]
+                                                             else " <span class='bad'>✗</span>")
+                reward = f"<div class='muted'>reward {s['reward']:.3f}</div>" if _finite(s.get("reward")) else ""
+                text = _e(s.get("response")) if s.get("response") else "<span class='muted'>(empty)</span>"
+                cells.append(f"<td><pre>{text}</pre>{mark}{reward}</td>")
+            parts.append(f"<tr><td><pre>{_e(first.get('prompt'))}</pre>{answer}</td>{''.join(cells)}</tr>")
+        parts.append("</table>")
+    return {"id": f"eval-{node.name}", "title": f"Evaluation: {node.name}", "html": parts, "figures": figures,
+            "node": node}
+
+
+def sweep_html(sweep: dict) -> list[str]:
+    results = sweep["results"]
+    parts = [f"<h3>{_e(sweep['name'])}: {_e(results.get('metric', ''))} ({_e(results.get('mode', ''))})</h3>"]
+    if sweep["png"]:
+        parts.append(_img(Figure(f"sweep-{sweep['name']}", f"sweep {sweep['name']}", sweep["png"])))
+    trials = results.get("trials") or []
+    if trials:
+        keys = list(dict.fromkeys(k for t in trials for k in (t.get("overrides") or {})))
+        parts.append("<table><tr><th>trial</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys)
+                     + "<th>status</th><th>value</th></tr>")
+        best = (results.get("best") or {}).get("trial")
+        for t in trials:
+            value = t.get("value")
+            mark = " ★" if t.get("trial") == best else ""
+            parts.append(f"<tr><td>{_e(t.get('trial'))}{mark}</td>"
+                         + "".join(f"<td>{_e((t.get('overrides') or {}).get(k))}</td>" for k in keys)
+                         + f"<td>{_e(t.get('status'))}</td><td class='num'>"
+                         + (f"{value:.4g}" if _finite(value) else "–") + "</td></tr>")
+        parts.append("</table>")
+    return parts
+
+
+def render_markdown(spec: PipelineSpec, nodes: list[Node], sections: list[dict], sweeps: list[dict],
+                    images: dict[str, str]) -> str:
+    lines = [f"# rayalign report: {spec.name}", "", f"Store `{spec.run_root()}`, generated {now()}.", "",
+             f"![pipeline]({images['dag']})", "", "| stage | kind | inputs | status | fingerprint | time |",
+             "|---|---|---|---|---|---|"]
+    for node in nodes:
+        inputs = ", ".join(f"{r}={p}" for r, p in node.parents.items()) or "–"
+        lines.append(f"| {node.name} | {node.kind} | {inputs} | {node.status} | `{node.fingerprint or '–'}` | "
+                     f"{_duration(node.manifest.get('seconds'))} |")
+    for section in sections:
+        lines += ["", f"## {section['title']}", ""]
+        node = section.get("node")
+        if node is not None and section["id"].startswith("eval-"):
+            metrics = node.manifest.get("metrics") or {}
+            columns = eval_columns(metrics)
+            lines.append("| model | " + " | ".join(h for _, h in columns) + " |")
+            lines.append("|---" * (len(columns) + 1) + "|")
+            for model, m in metrics.items():
+                lines.append(f"| {model} | " + " | ".join(eval_cell(m, k)[1].replace("\n", " ") for k, _ in columns) + " |")
+            lines.append("")
+            for model, samples in ((node.manifest.get("eval") or {}).get("samples") or {}).items():
+                for s in samples[:3]:
+                    lines.append(f"- **{model}** `{s.get('prompt')}` → `{s.get('response')}`"
+                                 + ("" if s.get("correct") is None else (" ✓" if s["correct"] else " ✗")))
+        lines += [f"![{f.key}]({images[f.key]})" for f in section["figures"]]
+    for sweep in sweeps:
+        lines += ["", f"## Sweep {sweep['name']}", ""]
+        key = f"sweep-{sweep['name']}"
+        if key in images:
+            lines.append(f"![sweep]({images[key]})")
+        best = (sweep["results"].get("best") or {})
+        if best:
+            lines.append(f"Best: {best.get('overrides')} -> {best.get('value')}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_report(spec: PipelineSpec) -> Path:
+    """Write ``<run>/report/index.html`` and ``report.md`` from the store; returns the HTML's path."""
+    nodes = collect(spec)
+    dag_figure = Figure("dag", "pipeline", plot_dag(nodes))
+    sections: list[dict] = []
+    for node in nodes:
+        if node.kind == "eval" and node.manifest.get("metrics"):
+            sections.append(eval_section(node, eval_figures(node)))
+    curve_figures, rl_figures = [], []
+    for node in nodes:
+        curves = node.manifest.get("curves") or {}
+        if not any(curves.values()):
+            continue
+        curve_figures.append(Figure(f"curves-{node.name}", f"{node.name} training curves", plot_curves(node.name, curves)))
+        pair = reward_kl_curves(curves)
+        if pair:
+            rl_figures.append(Figure(f"reward-kl-{node.name}", f"{node.name}: {pair[0]} vs {pair[1]}",
+                                     plot_reward_kl(node.name, curves, *pair)))
+    if rl_figures:
+        sections.append({"id": "rl", "title": "RL: reward against KL", "html": [_img(f) for f in rl_figures],
+                         "figures": rl_figures})
+    if curve_figures:
+        sections.append({"id": "curves", "title": "Training curves", "html": [_img(f) for f in curve_figures],
+                         "figures": curve_figures})
+    sweeps = sweep_results(spec)
+
+    out = spec.run_root() / "report"
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    images = {}
+    for figure in [dag_figure] + [f for s in sections for f in s["figures"]]:
+        (out / "img" / f"{figure.key}.png").write_bytes(figure.png)
+        images[figure.key] = f"img/{figure.key}.png"
+    for sweep in sweeps:
+        if sweep["png"]:
+            (out / "img" / f"sweep-{sweep['name']}.png").write_bytes(sweep["png"])
+            images[f"sweep-{sweep['name']}"] = f"img/sweep-{sweep['name']}.png"
+    index = out / "index.html"
+    _write(index, render_html(spec, nodes, dag_figure, sections, sweeps))
+    _write(out / "report.md", render_markdown(spec, nodes, sections, sweeps, images))
+    return index
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

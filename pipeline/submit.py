@@ -1,0 +1,192 @@
+"""Run a pipeline on an existing Ray cluster as a Ray job: ``rayalign submit CONFIG --address URL``.
+
+    rayalign submit configs/tiny.yaml --address http://HEAD:8265 [--set KEY=VALUE] [--no-wait]
+
+This uses Ray's Job Submission SDK (``ray.job_submission.JobSubmissionClient``, the dashboard's
+HTTP port, 8265). The job's entrypoint is ``python -m pipeline.cli run CONFIG --set
+ray.address=auto`` (the driver joins the cluster it runs on instead of starting a local Ray),
+and its ``runtime_env`` carries:
+
+* ``working_dir``: the project folder (the nearest folder above CONFIG holding ``pipeline/``
+  and ``stages/``; or ``--working-dir``), uploaded as a zip that respects ``.gitignore`` and
+  ``.rayignore`` (500 MiB at most), so code, configs and small data files travel together.
+  CONFIG must lie inside it. When it holds no ``pipeline/`` and ``stages/`` packages, this
+  checkout's are shipped as ``py_modules`` (``--code installed`` skips that when the cluster's
+  image has rayalign installed).
+* ``pip``: only with ``--pip REQ`` (repeatable). Normally the cluster image carries the stack
+  (torch, transformers, TRL, DeepSpeed); installing it per job takes minutes.
+* ``env_vars``: the driver environment of ``pipeline.cluster`` (HF_HUB_OFFLINE=1, ...), plus
+  ``--env KEY=VALUE`` or ``--env KEY`` (copied from this shell). Only names are ever printed.
+  Tokens belong in the cluster's own environment or secrets, not on a command line.
+
+``storage`` must be a path every node of the cluster sees (NFS, a mounted bucket): a relative
+path would resolve inside the job's temporary working_dir copy and vanish with it; submit
+warns, and ``--set storage=/shared/runs`` fixes it.
+
+Joining a cluster from your own shell instead: ``ray.address: auto`` (on a cluster node) or
+``ray.address: ray://HEAD:10001`` (Ray Client) in the pipeline file makes ``rayalign run``
+connect to that cluster; the driver then runs where you are, and stops when your shell does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from pipeline.spec import PipelineSpec, load_spec
+
+# The job replaces any local-Ray settings of the file (ray.num_cpus) with the cluster it runs on.
+JOIN_CLUSTER = "ray.address=auto"
+WORKING_DIR_EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", "*.egg-info", ".pytest_cache", "runs"]
+CODE_PACKAGES = ("pipeline", "stages")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def project_root(config: Path) -> Path:
+    """The nearest folder above ``config`` holding the rayalign packages; else the config's folder."""
+    for folder in config.resolve().parents:
+        if all((folder / package / "__init__.py").exists() for package in CODE_PACKAGES):
+            return folder
+    return config.resolve().parent
+
+
+def local_packages() -> list[str]:
+    """This checkout's ``pipeline`` and ``stages`` package folders."""
+    import pipeline
+
+    root = Path(pipeline.__file__).resolve().parents[1]
+    return [str(root / package) for package in CODE_PACKAGES]
+
+
+def build_job(config: str | Path, overrides: list[str] | None = None, *, working_dir: str | Path | None = None,
+              code: str = "ship", pip: list[str] | None = None, env: list[str] | None = None,
+              python: str = "python") -> dict:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` (and the validated spec, under "spec")."""
+    config = Path(config).resolve()
+    overrides = list(overrides or [])
+    spec = load_spec(config, overrides)  # a broken config fails here, not minutes later on the cluster
+    root = Path(working_dir).resolve() if working_dir else project_root(config)
+    try:
+        relative = config.relative_to(root)
+    except ValueError:
+        raise ValueError(f"{config} is not inside the working_dir {root}; pass --working-dir") from None
+    runtime_env: dict = {"working_dir": str(root), "excludes": _excludes(spec, root)}
+    if code == "ship" and not all((root / package / "__init__.py").exists() for package in CODE_PACKAGES):
+        runtime_env["py_modules"] = local_packages()
+    if pip:
+        runtime_env["pip"] = list(pip)
+    runtime_env["env_vars"] = job_env(env or [])
+    entrypoint = [python, "-m", "pipeline.cli", "run", relative.as_posix()]
+    for override in [*overrides, JOIN_CLUSTER]:
+        entrypoint += ["--set", override]
+    return {
+        "entrypoint": shlex.join(entrypoint),
+        "runtime_env": runtime_env,
+        "submission_id": f"rayalign-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}",
+        "metadata": {"rayalign.pipeline": spec.name, "rayalign.config": relative.as_posix()},
+        "spec": spec,
+    }
+
+
+def job_env(pairs: list[str]) -> dict[str, str]:
+    """The job's environment variables: the driver defaults plus ``--env`` pairs."""
+    from pipeline.cluster import DRIVER_ENV
+
+    env = dict(DRIVER_ENV)
+    # The driver's ray.init(runtime_env=...) in pipeline.cluster repeats some of these keys; without
+    # this, Ray refuses to merge it with the job's runtime_env.
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"--env {key!r}: not an environment variable name")
+        if not sep:
+            if key not in os.environ:
+                raise ValueError(f"--env {key}: not set in this shell")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def _excludes(spec: PipelineSpec, root: Path) -> list[str]:
+    excludes = list(WORKING_DIR_EXCLUDES)
+    try:  # a store inside the project would be uploaded with every job
+        excludes.append("/" + spec.storage_root().relative_to(root).as_posix())
+    except ValueError:
+        pass
+    return excludes
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "pipeline"
+
+
+def storage_warning(spec: PipelineSpec) -> str | None:
+    if os.path.isabs(os.path.expanduser(spec.storage)):
+        return None
+    return (f"storage {spec.storage!r} is relative: on the cluster it resolves inside the job's temporary "
+            f"working_dir and is lost when the job ends; use --set storage=/a/path/every/node/sees")
+
+
+def describe(job: dict) -> list[str]:
+    """What is being submitted, for the terminal: env var names only, never their values."""
+    env = job["runtime_env"]
+    lines = [f"entrypoint: {job['entrypoint']}", f"working_dir: {env['working_dir']}"]
+    if "py_modules" in env:
+        lines.append(f"py_modules: {', '.join(env['py_modules'])}")
+    if "pip" in env:
+        lines.append(f"pip: {' '.join(env['pip'])}")
+    lines.append(f"env_vars: {', '.join(sorted(env['env_vars']))}")
+    return lines
+
+
+def submit(config: str | Path, address: str, overrides: list[str] | None = None, *, wait: bool = True,
+           out=None, **job_options) -> tuple[str, str | None]:
+    """Submit the pipeline; with ``wait``, stream its logs and return (job id, final status)."""
+    from ray.job_submission import JobSubmissionClient
+
+    out = out or sys.stdout
+    job = build_job(config, overrides, **job_options)
+    spec = job.pop("spec")
+    warning = storage_warning(spec)
+    if warning:
+        print(f"rayalign: warning: {warning}", file=sys.stderr)
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(**job)
+    print(f"submitted {job_id} to {address}", file=out)
+    for line in describe(job):
+        print(f"  {line}", file=out)
+    out.flush()
+    if not wait:
+        print(f"follow it with: ray job logs --follow {job_id} --address {address}", file=out)
+        return job_id, None
+    try:
+        asyncio.run(_stream(client, job_id, out))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {address})", file=out)
+        return job_id, None
+    status = wait_for(client, job_id)
+    print(f"job {job_id}: {status}", file=out)
+    return job_id, status
+
+
+async def _stream(client, job_id: str, out) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        out.write(chunk)
+        out.flush()
+
+
+def wait_for(client, job_id: str, timeout_s: float = 60.0) -> str:
+    """The job's terminal status (the log stream can end a moment before the status flips)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)

@@ -1,0 +1,257 @@
+"""Leaving the laptop: Ray job submission (for real, against the session's local Ray head) and
+KubeRay manifests (validated offline against KubeRay's CRD schema from ../shared/kuberay)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.k8s import render_file
+from pipeline.spec import load_spec
+from pipeline.submit import build_job, describe, submit
+from tests.helpers import quick_sft
+
+REPO = Path(__file__).resolve().parents[2]
+RAYJOB_SCHEMA = REPO.parent / "shared" / "kuberay" / "schemas" / "rayjob-v1.json"
+TINY_EXAMPLE_ARGS = {"storage_claim": "rayalign-runs"}  # k8s/rayjob-tiny.yaml's options (see its header)
+
+
+# --------------------------------------------------------------------------- KubeRay manifests
+
+
+@pytest.fixture(scope="module")
+def rayjob_validator():
+    """KubeRay v1.7.0's RayJob schema, strict: unknown fields are errors (as a typo would be)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    if not RAYJOB_SCHEMA.exists():
+        pytest.skip(f"KubeRay schemas not found at {RAYJOB_SCHEMA} (the project's ../shared/kuberay)")
+    schema = json.loads(RAYJOB_SCHEMA.read_text())
+    return jsonschema.Draft202012Validator(_strict(schema))
+
+
+def _strict(schema):
+    if isinstance(schema, dict):
+        schema = {key: _strict(value) for key, value in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(item) for item in schema]
+    return schema
+
+
+def _check_rayjob(validator, rayjob: dict) -> None:
+    errors = sorted(validator.iter_errors(rayjob), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+    # Rules the operator enforces (ray-operator/controllers/ray/utils/validation.go), not the schema.
+    name = rayjob["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True  # required by ttlSecondsAfterFinished
+    assert "clusterSelector" not in rayjob["spec"]
+
+
+def _documents(text: str) -> tuple[dict, dict]:
+    config_map, rayjob = list(yaml.safe_load_all(text))
+    assert config_map["kind"] == "ConfigMap" and config_map["apiVersion"] == "v1"
+    assert rayjob["kind"] == "RayJob" and rayjob["apiVersion"] == "ray.io/v1"
+    return config_map, rayjob
+
+
+def _containers(rayjob: dict) -> tuple[dict, dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    (group,) = cluster["workerGroupSpecs"]
+    (worker,) = group["template"]["spec"]["containers"]
+    return head, worker
+
+
+def test_tiny_rayjob_validates_and_ships_the_config(rayjob_validator, monkeypatch):
+    monkeypatch.chdir(REPO)
+    text, warnings = render_file("configs/tiny.yaml", **TINY_EXAMPLE_ARGS)
+    config_map, rayjob = _documents(text)
+    _check_rayjob(rayjob_validator, rayjob)
+    assert not warnings
+
+    # The pipeline file travels in the ConfigMap, mounted into the head, where the driver runs.
+    assert config_map["data"] == {"tiny.yaml": (REPO / "configs" / "tiny.yaml").read_text()}
+    head, worker = _containers(rayjob)
+    mounts = {m["name"]: m["mountPath"] for m in head["volumeMounts"]}
+    volumes = {v["name"]: v for v in rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]}
+    assert volumes["pipeline"]["configMap"]["name"] == config_map["metadata"]["name"]
+    entrypoint = rayjob["spec"]["entrypoint"]
+    assert entrypoint.startswith(f"rayalign run {mounts['pipeline']}/tiny.yaml ")
+    assert "--set ray.address=auto" in entrypoint and "--set storage=/mnt/rayalign/runs" in entrypoint
+
+    # Sized from the pipeline: 2 Ray Train workers of 1 CPU each, no GPUs; the storage claim everywhere.
+    spec = rayjob["spec"]
+    assert spec["ttlSecondsAfterFinished"] == 3600
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    assert worker["resources"]["limits"] == {"cpu": "1", "memory": "8Gi"}
+    assert mounts["storage"] == "/mnt/rayalign" and {m["name"] for m in worker["volumeMounts"]} >= {"storage"}
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_checked_in_example_equals_a_fresh_render(monkeypatch):
+    monkeypatch.chdir(REPO)
+    fresh, _ = render_file("configs/tiny.yaml", **TINY_EXAMPLE_ARGS)
+    checked_in = (REPO / "k8s" / "rayjob-tiny.yaml").read_text()
+    assert checked_in == fresh, (
+        "k8s/rayjob-tiny.yaml is stale; regenerate it with:\n"
+        "  .venv/bin/python -m pipeline.cli k8s configs/tiny.yaml --storage-claim rayalign-runs "
+        "-o k8s/rayjob-tiny.yaml"
+    )
+
+
+def test_gpu_config_gets_gpu_workers_and_a_secret_token(rayjob_validator, monkeypatch):
+    monkeypatch.chdir(REPO)
+    text, warnings = render_file("configs/gpu-7b-qlora.yaml")
+    config_map, rayjob = _documents(text)
+    _check_rayjob(rayjob_validator, rayjob)
+    assert not warnings
+    head, worker = _containers(rayjob)
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 4
+    assert worker["resources"]["limits"] == {"cpu": "8", "memory": "96Gi", "nvidia.com/gpu": "1"}
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert rayjob["metadata"]["namespace"] == config_map["metadata"]["namespace"] == "ml"
+    token = next(e for e in worker["env"] if e["name"] == "HF_TOKEN")
+    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}
+
+
+def test_k8s_command_options_override_the_spec(rayjob_validator, tmp_path, capsys):
+    config = tmp_path / "frac.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "Frac_Pipeline.v2", "storage": "runs", "kubernetes": {"namespace": "from-spec"},
+        "stages": {"sft": quick_sft(scaling={"num_workers": 3, "cpus_per_worker": 0.5, "use_gpu": True,
+                                             "gpus_per_worker": 0.5}),
+                   "dpo": {"from": "sft", "data": "data/pairs.jsonl", "scaling": {"cpus_per_worker": 0.25}}},
+    }))
+    out = tmp_path / "out" / "rayjob.yaml"
+    assert main(["k8s", str(config), "--image", "me/rayalign:dev", "--namespace", "team",
+                 "--service-account", "trainer", "-o", str(out), "--set", "stages.sft.train.max_steps=3"]) == 0
+    warnings = capsys.readouterr().err
+    assert "no storage claim" in warnings and "stages.dpo.data: 'data/pairs.jsonl' is relative" in warnings
+    config_map, rayjob = _documents(out.read_text())
+    _check_rayjob(rayjob_validator, rayjob)
+    assert rayjob["metadata"] == {"name": "rayalign-frac-pipeline-v2", "namespace": "team",
+                                  "labels": {"app.kubernetes.io/name": "rayalign", "rayalign/pipeline": "frac-pipeline-v2"}}
+    head, worker = _containers(rayjob)
+    assert head["image"] == worker["image"] == "me/rayalign:dev"
+    assert worker["resources"]["limits"] == {"cpu": "500m", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    assert rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["serviceAccountName"] == "trainer"
+    assert "--set stages.sft.train.max_steps=3 --set ray.address=auto" in rayjob["spec"]["entrypoint"]
+    assert "storage=" not in rayjob["spec"]["entrypoint"]
+
+
+def test_shipped_samples_pass_the_same_check(rayjob_validator):
+    """The strict validator itself accepts KubeRay's own samples (so a failure above is ours)."""
+    sample = REPO.parent / "shared" / "kuberay" / "samples" / "ray-job.shutdown.yaml"
+    if not sample.exists():
+        pytest.skip(f"{sample} not found")
+    (rayjob,) = [d for d in yaml.safe_load_all(sample.read_text()) if d and d["kind"] == "RayJob"]
+    _check_rayjob(rayjob_validator, rayjob)
+    broken = copy.deepcopy(rayjob)
+    broken["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "cpu"] = 0.5
+    broken["spec"]["shutdownAfterJobFinish"] = True
+    assert len(list(rayjob_validator.iter_errors(broken))) == 2
+
+
+# --------------------------------------------------------------------------- job submission
+
+
+def _job_config(folder: Path, storage: Path, base: Path | str, **sft) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "submitted", "storage": str(storage), "ray": {"num_cpus": 2}, "base": {"model": str(base)},
+        "stages": {"sft": quick_sft(**sft)},
+    }))
+    return config
+
+
+def test_job_runtime_env_and_entrypoint(tmp_path, monkeypatch):
+    config = _job_config(tmp_path / "job", tmp_path / "store", tmp_path / "base")
+    monkeypatch.setenv("MY_SECRET_TOKEN", "s3cr3t-value")
+    job = build_job(config, ["stages.sft.train.lr=1e-3"], env=["MY_SECRET_TOKEN", "EXTRA=1"])
+    env = job["runtime_env"]
+    # Outside the project: the config's folder is the working_dir and the code ships as py_modules.
+    assert env["working_dir"] == str(tmp_path / "job")
+    assert [Path(p).name for p in env["py_modules"]] == ["pipeline", "stages"]
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
+    assert env["env_vars"]["MY_SECRET_TOKEN"] == "s3cr3t-value" and env["env_vars"]["EXTRA"] == "1"
+    assert job["entrypoint"] == ("python -m pipeline.cli run pipeline.yaml --set stages.sft.train.lr=1e-3 "
+                                 "--set ray.address=auto")
+    shown = "\n".join(describe(job))
+    assert "MY_SECRET_TOKEN" in shown and "s3cr3t-value" not in shown
+    assert job["submission_id"].startswith("rayalign-submitted-")
+
+    # Inside the project: the project is the working_dir (code included), the store is excluded.
+    job = build_job(REPO / "configs" / "tiny.yaml", code="ship")
+    assert job["runtime_env"]["working_dir"] == str(REPO) and "py_modules" not in job["runtime_env"]
+    assert {".git", ".venv", "runs"} <= set(job["runtime_env"]["excludes"])
+    assert " run configs/tiny.yaml --set ray.address=auto" in job["entrypoint"]
+
+    with pytest.raises(ValueError, match="not inside the working_dir"):
+        build_job(config, working_dir=tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="not set in this shell"):
+        build_job(config, env=["SURELY_NOT_SET_ANYWHERE"])
+
+
+def _dashboard(ray_cluster) -> str:
+    """The session's dashboard; checked, since other Ray instances on this machine also serve 826x ports."""
+    import requests
+
+    node = ray_cluster._private.worker.global_worker.node
+    url = node.address_info["webui_url"]
+    url = url if url.startswith("http") else f"http://{url}"
+    served = requests.get(f"{url}/api/version", timeout=10).json()["session_name"]
+    assert served == node.session_name, f"{url} serves Ray session {served}, not this test session's"
+    return url
+
+
+@pytest.mark.slow
+def test_submit_runs_the_pipeline_as_a_ray_job(ray_cluster, tiny_base, tmp_path, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    address = _dashboard(ray_cluster)
+    store = tmp_path / "store"
+    config = _job_config(tmp_path / "job", store, tiny_base, train={"max_steps": 2})
+    out = io.StringIO()
+    started = time.monotonic()
+    job_id, status = submit(config, address, ["stages.sft.train.lr=1e-3"], python=sys.executable, out=out)
+    seconds = time.monotonic() - started
+    logs = out.getvalue()
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert f"submitted {job_id}" in logs
+    gcs = ray_cluster._private.worker.global_worker.node.gcs_address
+    assert f"Connecting to existing Ray cluster at address: {gcs}" in logs  # the job joined this cluster
+    assert "sft: running sft stage" in logs and "sft: complete" in logs and "submitted: 2 node(s) ready" in logs
+    manifests = list((store / "submitted" / "sft").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    manifest = json.loads(manifests[0].read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["train"]["lr"] == 1e-3
+    print(f"\nsubmit: 2-step SFT job {job_id} took {seconds:.1f}s")
+
+    # --no-wait returns at once; the same pipeline again is cached on the cluster's store.
+    assert main(["submit", str(config), "--address", address, "--no-wait", "--python", sys.executable,
+                 "--set", "stages.sft.train.lr=1e-3"]) == 0
+    second = re.search(r"submitted (\S+)", capsys.readouterr().out).group(1)
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + 300
+    while str(client.get_job_status(second).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, "the cached rerun did not finish in 5 minutes"
+        time.sleep(1)
+    logs = client.get_job_logs(second)
+    assert str(client.get_job_status(second).value) == "SUCCEEDED", logs[-3000:]
+    assert "sft: cached" in logs
