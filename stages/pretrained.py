@@ -18,7 +18,9 @@ def run(ctx: StageContext) -> StageResult:
     name = base.model.removeprefix("builtin:")
     if name not in BUILTIN_BASES:
         raise ValueError(f"base.model: unknown builtin base {name!r}; builtin bases: {', '.join(BUILTIN_BASES)}")
-    info = build_tiny_base(ctx.model_dir, name=name, pretrain_steps=base.pretrain_steps, seed=base.seed)
+    # One thread: two OpenMP threads spin against the Ray workers on small machines (measured 10x slower).
+    info = build_tiny_base(ctx.model_dir, name=name, pretrain_steps=base.pretrain_steps, seed=base.seed,
+                           torch_threads=1)
     curve = [{"step": p["step"], "value": p["loss"]} for p in info.get("pretrain_loss", [])]
     metrics = {k: info[k] for k in ("parameters", "vocab_size", "pretrain_steps", "final_loss", "build_seconds")}
     return StageResult(metrics=metrics, curves={"loss": curve} if curve else {}, manifest={"model_type": "full"})

@@ -23,6 +23,8 @@ STAGE_RUNNERS: dict[str, str] = {
     "sft": "stages.sft:run",
     "reward": "stages.reward:run",
     "dpo": "stages.dpo:run",
+    "ppo": "stages.ppo.stage:run",
+    "eval": "stages.evaluate.stage:run",
 }
 
 # Stage kind -> {config field holding a DataConfig: the record kind the loader must produce}.
@@ -30,6 +32,9 @@ DATA_KINDS: dict[str, dict[str, str]] = {
     "sft": {"data": "sft"},
     "reward": {"data": "preference"},
     "dpo": {"data": "preference"},  # DPOConfig.record_kind: "kto" for the kto loss
+    "ppo": {"prompts": "prompt"},
+    # task_data: EvalConfig property, the tasks' prompt files (builtin:<task>/test by default)
+    "eval": {"prompts": "prompt", "task_data": "prompt", "sft_data": "sft", "preference_data": "preference"},
 }
 
 

@@ -51,6 +51,10 @@ def training_arguments(config_cls, args: dict, **stage_fields):
     length = {"max_steps": train["max_steps"]} if train["max_steps"] else {"num_train_epochs": train["epochs"]}
     save_steps = train["save_steps"]
     evaluate = bool(args.get("has_eval"))
+    eval_steps = train["eval_steps"] or train["logging_steps"]
+    early_stopping = bool(evaluate and train["early_stopping_patience"])
+    if early_stopping and (save_steps is None or save_steps % eval_steps):
+        save_steps = eval_steps  # keeping the best model needs a checkpoint at every evaluation
     kwargs = dict(
         output_dir=str(Path(args["work_dir"]) / "checkpoints"),
         learning_rate=train["lr"],
@@ -69,8 +73,8 @@ def training_arguments(config_cls, args: dict, **stage_fields):
         save_steps=save_steps or 500,
         save_total_limit=1,
         eval_strategy="steps" if evaluate else "no",
-        eval_steps=train["eval_steps"] or train["logging_steps"],
-        load_best_model_at_end=bool(evaluate and train["early_stopping_patience"]),
+        eval_steps=eval_steps,
+        load_best_model_at_end=early_stopping,
         metric_for_best_model="eval_loss" if evaluate else None,
         gradient_checkpointing=train["gradient_checkpointing"],
         bf16=precision == "bf16",

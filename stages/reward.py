@@ -1,0 +1,216 @@
+"""Reward model: TRL's ``RewardTrainer`` (Bradley-Terry) in Ray Train workers.
+
+Run it alone with ``rayalign run PIPELINE.yaml --only reward``; the recipe: load the preference
+pairs (ties and empty responses are skipped and counted by the loader), start a
+``AutoModelForSequenceClassification(num_labels=1)`` from the upstream model (``from:`` sft or
+base), train with the stage's PEFT method under DeepSpeed ZeRO, write a plain HF
+sequence-classification folder to ``model/`` (a LoRA adapter is merged into it; the adapter itself
+stays in ``adapter/``), then score the held-out pairs with that folder.
+
+Loss: ``-log σ(r_chosen - r_rejected - margin)`` (``margin`` only when the records carry one and
+``use_margin``), plus ``center_rewards_coefficient · mean((r_chosen + r_rejected)²)`` when set.
+
+Held-out data: ``data.eval_path``, else ``data.eval_fraction`` of the pairs; for a ``builtin:<task>``
+source with neither, the task's test split ``builtin:<task>/test`` (disjoint problems).
+Pairs longer than ``train.max_length`` tokens are dropped (TRL's rule, applied to the held-out
+pairs too) and counted in the metrics. Held-out metrics: pairwise accuracy (``r_chosen >
+r_rejected``, ties count as wrong), mean margin, mean/std of the chosen and rejected rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from pipeline.spec import DataConfig, RewardConfig
+from stages import launcher, training_data
+from stages.stage import StageContext, StageResult
+from stages.training_curves import summarize_training
+
+WORKER_INFO = "worker_info.json"
+
+
+def run(ctx: StageContext) -> StageResult:
+    config: RewardConfig = ctx.config
+    data = training_data.prepare(ctx, with_default_eval(config.data), "preference", seed=config.train.seed)
+    model_source = upstream_full_model(ctx, ctx.inputs["from"])
+    uses_peft = config.peft.method != "full"
+    args = launcher.common_worker_args(
+        ctx, config, model_source,
+        # Trained weights (the adapter under PEFT) go to adapter/; model/ gets the merged classifier.
+        model_dir=str(ctx.work_dir / "adapter") if uses_peft else str(ctx.model_dir),
+        final_model_dir=str(ctx.model_dir),
+        merge=False,  # merged here with the sequence-classification head, not the causal-LM one
+        train_file=str(data.train_file),
+        eval_file=str(data.eval_file) if data.eval_file else None,
+        has_eval=periodic_eval(config, data),
+        use_margin=config.use_margin,
+        center_rewards_coefficient=config.center_rewards_coefficient,
+    )
+    log = launcher.launch(ctx, config, train_reward_worker, args)
+    info = json.loads((ctx.work_dir / WORKER_INFO).read_text())
+    result = summarize_training(ctx, config, log, data.summary, extra_metrics=info["metrics"])
+    result.manifest.update(head="reward", adapter_dir="adapter" if uses_peft else None)
+    return result
+
+
+def with_default_eval(data: DataConfig) -> DataConfig:
+    """A builtin task source with no held-out data configured is evaluated on the task's test split."""
+    if data.eval_path or data.eval_fraction > 0 or not data.path.startswith("builtin:"):
+        return data
+    from stages.data.loader import parse_builtin
+
+    name, split = parse_builtin(data.path)
+    return data if split == "test" else data.model_copy(update={"eval_path": f"builtin:{name}/test"})
+
+
+def periodic_eval(config, data) -> bool:
+    """Evaluate during training only when asked (eval_steps or early stopping); the final held-out pass always runs."""
+    return data.eval_file is not None and bool(config.train.eval_steps or config.train.early_stopping_patience)
+
+
+def upstream_full_model(ctx: StageContext, artifact) -> Path:
+    from stages.sft import upstream_full_model as full
+
+    return full(ctx, artifact)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def train_reward_worker(args: dict) -> None:
+    """Per-worker reward-model loop (Ray Train ``train_loop_per_worker``)."""
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    from pipeline.spec import PeftConfig
+    from stages.models import load_model, load_tokenizer
+    from stages.worker import is_rank_zero, setup_worker, train_and_save, training_arguments
+
+    setup_worker(args)
+    tokenizer = load_tokenizer(args["model_source"], args["chat_template"], args["trust_remote_code"])
+    train_args = training_arguments(
+        TRLRewardConfig, args,
+        max_length=args["train"]["max_length"],
+        center_rewards_coefficient=args["center_rewards_coefficient"],
+        dataset_num_proc=None,
+    )
+    peft = PeftConfig(**args["peft"])
+    model = load_model(args["model_source"], peft, args["precision"], head="reward",
+                       trust_remote_code=args["trust_remote_code"],
+                       gradient_checkpointing=args["train"]["gradient_checkpointing"])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train_pairs = pairs_dataset(args["train_file"], args["use_margin"])
+    trainer = RewardTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=train_pairs,
+        eval_dataset=pairs_dataset(args["eval_file"], args["use_margin"]) if args["has_eval"] else None,
+        processing_class=tokenizer,
+        peft_config=reward_peft_config(peft),
+    )
+    train_and_save(trainer, args, early_stopping=True)
+    if is_rank_zero():
+        final_dir = Path(args["final_model_dir"])
+        if Path(args["model_dir"]) != final_dir:
+            merge_reward_adapter(args["model_dir"], final_dir, tokenizer, args["trust_remote_code"])
+        metrics = {"train_pairs_used": len(trainer.train_dataset),
+                   "train_pairs_too_long": len(train_pairs) - len(trainer.train_dataset)}
+        if args["eval_file"]:
+            metrics.update(score_pairs(final_dir, args["eval_file"], args["train"]["max_length"]))
+        (Path(args["work_dir"]) / WORKER_INFO).write_text(json.dumps({"metrics": metrics}))
+
+
+def pairs_dataset(path: str | None, use_margin: bool):
+    """The prepared pairs; the margin column kept (missing margins as 0) only when used."""
+    dataset = training_data.read_dataset(path)
+    if dataset is None or "margin" not in dataset.column_names:
+        return dataset
+    if not use_margin:
+        return dataset.remove_columns("margin")
+    return dataset.map(lambda row: {"margin": float(row["margin"] or 0.0)})
+
+
+def reward_peft_config(peft):
+    """The PEFT config for a sequence classifier: the new ``score`` head is trained and saved in full."""
+    from stages.models import peft_config
+
+    config = peft_config(peft, task_type="SEQ_CLS")
+    if config is not None and hasattr(config, "modules_to_save"):
+        config.modules_to_save = sorted({*(config.modules_to_save or []), "score"})
+    return config
+
+
+def merge_reward_adapter(adapter_dir: str | Path, out_dir: str | Path, tokenizer, trust_remote_code: bool = False):
+    """Merge a sequence-classification adapter into its (unquantized, fp32) base; a plain HF folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.models import adapter_base
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        adapter_base(adapter_dir), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def score_pairs(model_dir: str | Path, pairs_file: str, max_length: int, batch_size: int = 32) -> dict:
+    """Held-out metrics of a saved reward model, loaded with plain ``transformers``."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    rows = [json.loads(line) for line in open(pairs_file)]
+    encoded, too_long = [], 0
+    for row in rows:
+        ids = [tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)["input_ids"]
+               for side in ("chosen", "rejected")]
+        if max(len(i) for i in ids) > max_length:
+            too_long += 1
+            continue
+        encoded.append(ids)
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start:start + batch_size]
+            flat = [c for c, _ in batch] + [r for _, r in batch]
+            padded = tokenizer.pad({"input_ids": flat}, return_tensors="pt")
+            scores = model(**padded).logits.squeeze(-1).tolist()
+            chosen += scores[:len(batch)]
+            rejected += scores[len(batch):]
+    n = len(chosen)
+    if n == 0:
+        return {"heldout_pairs": 0, "heldout_pairs_too_long": too_long}
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {
+        "heldout_pairs": n,
+        "heldout_pairs_too_long": too_long,
+        "heldout_accuracy": sum(m > 0 for m in margins) / n,
+        "heldout_margin": sum(margins) / n,
+        "heldout_reward_chosen_mean": _mean(chosen),
+        "heldout_reward_chosen_std": _std(chosen),
+        "heldout_reward_rejected_mean": _mean(rejected),
+        "heldout_reward_rejected_std": _std(rejected),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))

@@ -1,0 +1,285 @@
+"""The reward and dpo stages end to end: real Ray Train workers, real TRL, the builtin addition task
+and real preference files.
+
+Ray ``fit()`` calls (each ~25 s of fixed cost): sft + dpo (full, RPO) + reward (LoRA, 2 workers ZeRO-2)
+on the addition task in one pipeline; reward (HH-RLHF) + dpo (LoRA, LLaMA-Factory pairs) in another.
+Each pipeline runs once per session (module fixtures) and several tests read its manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.spec import parse_spec
+
+SFT_STEPS, DPO_STEPS = 100, 60
+
+
+def verifier_accuracy(model_dir, limit: int | None = None, batch_size: int = 100) -> dict:
+    """Greedy held-out accuracy of a causal LM on ``builtin:addition/test`` (the task's exact-match verifier)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.tasks import get_task
+
+    task = get_task("addition")
+    prompts = task.load("prompt", "test", limit).records
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    correct = {"carry": 0, "no_carry": 0}
+    total = {"carry": 0, "no_carry": 0}
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        texts = [tokenizer.apply_chat_template([m.to_dict() for m in p.prompt], tokenize=False,
+                                               add_generation_prompt=True) for p in batch]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        responses = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        for prompt, response in zip(batch, responses):
+            category = task.category(prompt)
+            total[category] += 1
+            correct[category] += task.verify(prompt, response)
+    n = sum(total.values())
+    return {"accuracy": sum(correct.values()) / n, **{f"{c}_accuracy": correct[c] / max(1, total[c]) for c in total}}
+
+
+def run(raw: dict, tiny_base: Path):
+    from pipeline.runner import run_pipeline
+
+    return run_pipeline(parse_spec(raw), inputs={"base": str(tiny_base)})
+
+
+# --------------------------------------------------------------------------- the addition task
+
+
+@pytest.fixture(scope="module")
+def addition_run(ray_cluster, tiny_base, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("reward-dpo")
+    raw = {
+        "name": "addition", "storage": str(storage), "tracking": {"backend": "none"},
+        "stages": {
+            "sft": {"data": {"path": "builtin:addition", "limit": SFT_STEPS * 32}, "peft": {"method": "full"},
+                    "train": {"max_steps": SFT_STEPS, "lr": 2e-3, "batch_size": 32, "max_length": 32,
+                              "warmup_ratio": 0.05, "logging_steps": 50}},
+            # Full fine-tuning: the reference is an explicit frozen copy of the SFT policy.
+            "dpo": {"from": "sft", "data": {"path": "builtin:addition", "limit": DPO_STEPS * 32},
+                    # Plain sigmoid DPO: on this under-trained SFT start the NLL term of rpo_alpha dominates
+                    # and the margin hardly moves in 60 steps (measured 0.003 -> 0.001), so the margin test uses DPO alone.
+                    "peft": {"method": "full"}, "loss": "sigmoid", "beta": 0.1,
+                    "train": {"max_steps": DPO_STEPS, "lr": 5e-4, "batch_size": 32, "max_length": 32,
+                              "logging_steps": 5}},
+            # Held-out: the task's test split by default.
+            "reward": {"from": "sft", "data": {"path": "builtin:addition", "limit": 3200},
+                       "peft": {"method": "full"},
+                       "train": {"max_steps": 100, "lr": 2e-3, "batch_size": 16, "max_length": 32,
+                                 "logging_steps": 10},
+                       "scaling": {"num_workers": 2}, "deepspeed": {"zero_stage": 2}},
+        },
+    }
+    return run(raw, tiny_base)
+
+
+@pytest.mark.slow
+def test_reward_model_ranks_held_out_pairs(addition_run):
+    reward = addition_run["reward"]
+    m = reward.metrics
+    assert m["heldout_pairs"] == 500  # builtin:addition/test, all within max_length
+    # Measured: 0.50-0.56 after 100-500 steps (judging a sum needs the sum; the 0.5M model barely learns it
+    # in a CI budget), so only a sanity bound here; the margin and the loss must still move the right way.
+    assert m["heldout_accuracy"] >= 0.4, m
+    assert m["heldout_reward_chosen_std"] > 0 and m["heldout_reward_rejected_std"] > 0
+    assert m["global_step"] == 100
+    losses = [p["value"] for p in reward.manifest["curves"]["loss"]]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    assert reward.manifest["data"]["data"]["eval"]["format"] == "builtin:addition"
+
+
+@pytest.mark.slow
+def test_reward_output_is_a_plain_sequence_classifier(addition_run):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reward = addition_run["reward"]
+    assert reward.manifest["model_type"] == "full" and reward.manifest["head"] == "reward"
+    model = AutoModelForSequenceClassification.from_pretrained(str(reward.model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(reward.model_dir))
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+
+    def score(answer: str) -> float:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "47+38="},
+                                             {"role": "assistant", "content": answer}], return_tensors="pt",
+                                            return_dict=True)
+        with torch.no_grad():
+            return model(**ids).logits.item()
+
+    assert score("85") != score("75")
+
+
+@pytest.mark.slow
+def test_dpo_raises_margin_with_a_frozen_reference(addition_run):
+    dpo = addition_run["dpo"]
+    m = dpo.metrics
+    print("dpo metrics", {k: v for k, v in m.items() if not k.startswith("final_")})
+    # The chosen-minus-rejected margin grows from ~0 (policy == reference at step 0), in training and held out.
+    assert m["margin"] > m["first_margin"] and m["margin"] > 0, m
+    assert m["heldout_rewards/margins"] > 0 and m["heldout_rewards/accuracies"] > 0.5, m
+    for key in ("rewards_chosen", "rewards_rejected", "accuracy", "logps_chosen", "logps_rejected"):
+        assert key in m
+    assert dpo.manifest["reference"] == "frozen copy" and dpo.manifest["ref_model_is_none"] is False
+    assert m["ref_parameters"] == m["policy_parameters"]
+    assert len(dpo.manifest["curves"]["loss"]) == DPO_STEPS // 5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RAYALIGN_CALIBRATION"),
+                    reason="several minutes of CPU; set RAYALIGN_CALIBRATION=1 (STACK.md's calibration)")
+def test_dpo_with_nll_beats_sft_on_held_out_prompts(ray_cluster, tmp_path):
+    """STACK.md's calibration: SFT on the flawed demonstrator, then DPO + NLL (rpo_alpha 1), full fine-tuning."""
+    from stages.tiny_base import build_tiny_base
+
+    base = tmp_path / "base"
+    build_tiny_base(base, pretrain_steps=300, seed=0)
+    raw = {
+        "name": "calibration", "storage": str(tmp_path / "runs"), "tracking": {"backend": "none"},
+        "stages": {
+            "sft": {"data": "builtin:addition", "peft": {"method": "full"},
+                    "train": {"max_steps": 1000, "lr": 2e-3, "batch_size": 64, "max_length": 32, "logging_steps": 100}},
+            "dpo": {"from": "sft", "data": {"path": "builtin:addition", "limit": 4800}, "peft": {"method": "full"},
+                    "loss": "sigmoid", "rpo_alpha": 1.0, "beta": 0.1,
+                    "train": {"max_steps": 150, "lr": 5e-5, "batch_size": 32, "max_length": 32, "logging_steps": 10}},
+        },
+    }
+    artifacts = run(raw, base)
+    accuracy = {name: verifier_accuracy(artifacts[name].model_dir) for name in ("sft", "dpo")}
+    print("verifier accuracy", accuracy)
+    assert accuracy["dpo"]["accuracy"] >= accuracy["sft"]["accuracy"] + 0.1, accuracy
+
+
+# --------------------------------------------------------------------------- real files
+
+
+@pytest.fixture(scope="module")
+def real_run(ray_cluster, tiny_base, shared_data, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("reward-dpo-real")
+    hh = shared_data / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+    demo = shared_data / "preference" / "llamafactory" / "dpo_en_demo.json"
+    small = {"max_steps": 4, "lr": 1e-3, "batch_size": 4, "max_length": 256, "logging_steps": 1}
+    raw = {
+        "name": "real", "storage": str(storage), "tracking": {"backend": "none"},
+        "stages": {
+            "rm": {"kind": "reward", "from": "base", "data": {"path": str(hh), "eval_fraction": 0.05},
+                   "peft": {"method": "lora", "r": 8}, "train": small},
+            "dpo": {"from": "base", "data": {"path": str(demo), "eval_fraction": 0.1},
+                    "peft": {"method": "lora", "r": 8}, "loss": "sigmoid", "train": small},
+        },
+    }
+    return run(raw, tiny_base)
+
+
+@pytest.mark.slow
+def test_reward_on_hh_rlhf(real_run):
+    rm = real_run["rm"]
+    data = rm.manifest["data"]["data"]
+    assert data["format"] == "hh_rlhf"
+    assert data["skipped"] == {"chosen_equals_rejected": 2, "empty_response": 4}
+    assert data["train_records"] + data["eval_records"] == 2348
+    m = rm.metrics
+    assert m["global_step"] == 4 and len(rm.manifest["curves"]["loss"]) == 4
+    # The per-character tokenizer makes most HH-RLHF pairs longer than 256 tokens; those are dropped and counted.
+    assert 0 < m["train_pairs_used"] < data["train_records"]
+    assert m["train_pairs_used"] + m["train_pairs_too_long"] == data["train_records"]
+    assert m["heldout_pairs"] > 0 and 0.0 <= m["heldout_accuracy"] <= 1.0
+    # LoRA: the adapter (score head trained in full) is kept, model/ holds the merged plain classifier.
+    adapter = json.loads((rm.path / "adapter" / "adapter_config.json").read_text())
+    assert "score" in adapter["modules_to_save"] and adapter["task_type"] == "SEQ_CLS"
+    assert rm.manifest["model_type"] == "full" and rm.manifest["adapter_dir"] == "adapter"
+
+
+@pytest.mark.slow
+def test_dpo_lora_on_llamafactory_pairs_uses_adapter_disabled_base(real_run):
+    dpo = real_run["dpo"]
+    data = dpo.manifest["data"]["data"]
+    assert data["format"] == "sharegpt" and data["read"] == 300 and data["skipped"] == {}
+    assert dpo.manifest["model_type"] == "adapter"
+    # One model's parameters in memory: TRL's ref_model is None, the reference is the adapter-disabled base.
+    assert dpo.manifest["reference"] == "adapter-disabled base" and dpo.manifest["ref_model_is_none"] is True
+    assert dpo.metrics["ref_parameters"] == 0
+    assert 0 < dpo.metrics["trainable_parameters"] < dpo.metrics["policy_parameters"]
+    assert dpo.metrics["global_step"] == 4 and "heldout_loss" in dpo.metrics
+
+
+# --------------------------------------------------------------------------- bad input (no Ray)
+
+
+def stage_context(tmp_path, stage: dict, tiny_base):
+    from pipeline.store import Artifact
+    from stages.stage import StageContext
+
+    spec = parse_spec({"name": "bad", "storage": str(tmp_path), "stages": {"s": stage}})
+    return StageContext(name="s", config=spec.stages["s"], spec=spec,
+                        inputs={"from": Artifact.external("base", str(tiny_base))},
+                        work_dir=tmp_path / "work", fingerprint="f")
+
+
+def test_preference_file_without_rejected_fails_before_training(tmp_path, tiny_base):
+    from stages import reward
+    from stages.data.errors import DataError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "chosen": "hello"}) + "\n")
+    with pytest.raises(DataError, match="cannot give 'preference' records"):
+        reward.run(stage_context(tmp_path, {"kind": "reward", "data": str(path)}, tiny_base))
+
+
+def test_pair_with_empty_response_is_skipped_and_counted(tmp_path, tiny_base):
+    from stages import training_data
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "hi", "chosen": "hello", "rejected": "go away"},
+            {"prompt": "hi", "chosen": "", "rejected": "go away"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = stage_context(tmp_path, {"kind": "dpo", "data": str(path)}, tiny_base)
+    prepared = training_data.prepare(ctx, ctx.config.data, "preference")
+    assert prepared.summary["skipped"] == {"empty_response": 1} and prepared.summary["train_records"] == 1
+    only_empty = tmp_path / "empty.jsonl"
+    only_empty.write_text(json.dumps(rows[1]) + "\n")
+    from stages import dpo
+
+    with pytest.raises(ValueError, match="no usable preference records"):
+        dpo.run(stage_context(tmp_path, {"kind": "dpo", "data": str(only_empty)}, tiny_base))
+
+
+def test_sharegpt_pair_with_unknown_role(tmp_path, tiny_base):
+    from stages import dpo
+    from stages.data.errors import DataError
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "robot", "value": "hi"}],
+                                 "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}}]))
+    with pytest.raises(DataError, match="unknown role 'robot'"):
+        dpo.run(stage_context(tmp_path, {"kind": "dpo", "data": str(path)}, tiny_base))
+
+
+def test_unknown_loss_name_lists_valid_ones(tmp_path):
+    from pipeline.spec import SpecError, load_spec
+
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\nstages:\n  dpo: {data: builtin:addition, loss: dpop}\n")
+    with pytest.raises(SpecError, match=r"stages\.dpo\.loss: unknown loss 'dpop'; valid losses: "
+                                        r"hinge, ipo, kto, orpo, robust, sigmoid, simpo"):
+        load_spec(path)
+
+
+def test_kto_loss_reads_unpaired_kto_file(shared_data):
+    from pipeline.validate import validate_pipeline
+
+    kto = shared_data / "chat" / "messages" / "kto_en_demo.json"
+    spec = parse_spec({"name": "k", "stages": {"dpo": {"data": str(kto), "loss": "kto"}}})
+    lines = validate_pipeline(spec)
+    assert any("300 usable kto records" in line for line in lines), lines
