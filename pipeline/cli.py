@@ -77,6 +77,8 @@ def add_cluster_commands(with_config) -> None:
     submit.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                         help="environment variable for the job; KEY alone copies it from this shell (repeatable)")
     submit.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
+    submit.add_argument("--command", choices=["run", "sweep"], default="run",
+                        help="what the job runs: rayalign run (default) or rayalign sweep")
     submit.set_defaults(handler=cmd_submit)
 
     k8s = with_config("k8s", "render a KubeRay RayJob (+ ConfigMap) that runs the pipeline on Kubernetes")
@@ -86,6 +88,8 @@ def add_cluster_commands(with_config) -> None:
     k8s.add_argument("--storage-claim", default=None, metavar="PVC",
                      help="ReadWriteMany PVC mounted on every pod; storage goes there")
     k8s.add_argument("--service-account", default=None)
+    k8s.add_argument("--command", choices=["run", "sweep"], default="run",
+                     help="what the job runs: rayalign run (default) or rayalign sweep")
     k8s.set_defaults(handler=cmd_k8s)
 
     sweep = with_config("sweep", "Ray Tune sweep of one stage's settings (the sweep: section)")
@@ -176,7 +180,7 @@ def cmd_submit(args) -> int:
     try:
         _, status = submit(args.config, args.address, args.overrides, wait=not args.no_wait,
                            working_dir=args.working_dir, code=args.code, pip=args.pip, env=args.env,
-                           python=args.python)
+                           python=args.python, command=args.command)
     except ConnectionError as err:
         print(f"rayalign: error: cannot reach the Ray cluster at {args.address}: {err}", file=sys.stderr)
         return 2
@@ -186,7 +190,7 @@ def cmd_submit(args) -> int:
 def cmd_k8s(args) -> int:
     from pipeline.k8s import main_k8s
 
-    return main_k8s(args.config, args.overrides, args.output, image=args.image, namespace=args.namespace,
+    return main_k8s(args.config, args.overrides, args.output, args.command, image=args.image, namespace=args.namespace,
                     storage_claim=args.storage_claim, service_account=args.service_account)
 
 

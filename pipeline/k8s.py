@@ -55,13 +55,16 @@ def cluster_shape(spec: PipelineSpec) -> dict:
 
 
 def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.yaml", *,
-           overrides: list[str] | None = None, **options) -> list[dict]:
-    """The ConfigMap and the RayJob for a pipeline; ``options`` override ``spec.kubernetes`` fields."""
+           overrides: list[str] | None = None, command: str = "run", **options) -> list[dict]:
+    """The ConfigMap and the RayJob for a pipeline; ``options`` override ``spec.kubernetes`` fields.
+
+    ``command`` is the rayalign subcommand the job runs: ``run`` or ``sweep``.
+    """
     k8s = spec.kubernetes.model_copy(update={k: v for k, v in options.items() if v is not None})
     k8s = KubernetesConfig.model_validate(k8s.model_dump())
     name = rayjob_name(spec.name)
     config_map = f"{name}-config"
-    entrypoint = ["rayalign", "run", f"{CONFIG_MOUNT}/{config_file}"]
+    entrypoint = ["rayalign", command, f"{CONFIG_MOUNT}/{config_file}"]
     for override in [*(overrides or []), JOIN_CLUSTER] + ([f"storage={k8s.storage_mount}/runs"]
                                                            if k8s.storage_claim else []):
         entrypoint += ["--set", override]
@@ -99,7 +102,6 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
             "entrypoint": shlex.join(entrypoint),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
-            "backoffLimit": 0,
             "rayClusterSpec": {
                 "rayVersion": k8s.ray_version,
                 "headGroupSpec": {
@@ -176,21 +178,29 @@ def to_yaml(documents: list[dict], header: list[str] | None = None) -> str:
     return lines + body
 
 
-def render_file(config: str, overrides: list[str] | None = None, **options) -> tuple[str, list[str]]:
+def render_file(config: str, overrides: list[str] | None = None, command: str = "run",
+                **options) -> tuple[str, list[str]]:
     """``rayalign k8s``: the manifests' text for a pipeline file, and the warnings."""
     spec = load_spec(config, overrides)
+    if command == "sweep":
+        from pipeline.sweep import resolve_sweep
+
+        resolve_sweep(spec)  # a bad search space fails here, not in the cluster
     text = Path(config).read_text()
-    documents = render(spec, text, Path(config).name, overrides=overrides, **options)
+    documents = render(spec, text, Path(config).name, overrides=overrides, command=command, **options)
     k8s = spec.kubernetes.model_copy(update={k: v for k, v in options.items() if v is not None})
-    command = ["rayalign", "k8s", config, *[f"--set={o}" for o in overrides or []]]
+    shown = ["rayalign", "k8s", config, *[f"--set={o}" for o in overrides or []]]
+    if command != "run":
+        shown += ["--command", command]
     for key, value in options.items():
         if value is not None:
-            command += [f"--{key.replace('_', '-')}", str(value)]
+            shown += [f"--{key.replace('_', '-')}", str(value)]
     header = [
         f"KubeRay RayJob for the pipeline {spec.name!r}, rendered by rayalign (edit the pipeline, not this file):",
-        f"  {shlex.join(command)}",
+        f"  {shlex.join(shown)}",
         "Apply: kubectl apply -f THIS_FILE; follow: kubectl logs -f -l job-name=" + documents[1]["metadata"]["name"],
-        "Needs the KubeRay operator (>= 1.1) and an image with rayalign installed (k8s/Dockerfile).",
+        "Needs the KubeRay operator (ray.io/v1; checked against v1.7.0's schema) and an image with rayalign",
+        "installed (k8s/Dockerfile).",
     ]
     return to_yaml(documents, header), warnings(spec, k8s)
 
@@ -232,8 +242,8 @@ def _str(dumper: yaml.SafeDumper, value: str):
 _Dumper.add_representer(str, _str)
 
 
-def main_k8s(config: str, overrides: list[str], output: str | None, **options) -> int:
-    text, found = render_file(config, overrides, **options)
+def main_k8s(config: str, overrides: list[str], output: str | None, command: str = "run", **options) -> int:
+    text, found = render_file(config, overrides, command, **options)
     for warning in found:
         print(f"rayalign: warning: {warning}", file=sys.stderr)
     if output:

@@ -121,9 +121,9 @@ def _plt():
     return plt
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight: bool = True) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight" if tight else None)
     _plt().close(fig)
     return buffer.getvalue()
 
@@ -140,25 +140,31 @@ def plot_dag(nodes: list[Node]) -> bytes:
     pos = {name: (d, -(i - (len(names) - 1) / 2)) for d, names in layers.items() for i, name in enumerate(names)}
     width = max(4.0, 1.9 * len(layers))
     height = max(1.8, 1.0 * max(len(v) for v in layers.values()))
-    fig, ax = plt.subplots(figsize=(width, height))
+    # dpi fixed and no tight crop: the arrows are clipped to the boxes as placed by the first draw
+    fig, ax = plt.subplots(figsize=(width, height), dpi=90)
+    fig.subplots_adjust(0, 0, 1, 1)
     by_name = {n.name: n for n in nodes}
-    for node in nodes:
-        for parent in set(node.parents.values()):
-            (x0, y0), (x1, y1) = pos[parent], pos[node.name]
-            skip = depth[node.name] - depth[parent] > 1  # bend edges that jump a layer around its boxes
-            ax.annotate("", xy=(x1 - 0.3, y1), xytext=(x0 + 0.3, y0),
-                        arrowprops={"arrowstyle": "->", "color": "#555", "lw": 1.2, "shrinkA": 2, "shrinkB": 2,
-                                    "connectionstyle": f"arc3,rad={-0.35 if skip else 0.0}"})
+    boxes = {}
     for name, (x, y) in pos.items():
         node = by_name[name]
         color = STATUS_COLORS.get(node.status, "#757575")
-        ax.text(x, y, f"{name}\n{node.kind} · {node.status}", ha="center", va="center", fontsize=9, color="white",
-                bbox={"boxstyle": "round,pad=0.4", "facecolor": color, "edgecolor": "none"})
+        boxes[name] = ax.text(x, y, f"{name}\n{node.kind} · {node.status}", ha="center", va="center", fontsize=9,
+                              color="white", zorder=3,
+                              bbox={"boxstyle": "round,pad=0.4", "facecolor": color, "edgecolor": "none"})
     ax.set_xlim(-0.6, max(layers) + 0.6)
     ys = [y for _, y in pos.values()]
     ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
+    fig.canvas.draw()  # places the boxes, so that arrows can be clipped to their edges
+    for node in nodes:
+        for parent in dict.fromkeys(node.parents.values()):
+            skip = depth[node.name] - depth[parent] > 1  # bend edges that jump a layer around the boxes between
+            bend = 0.3 if pos[parent][1] < pos[node.name][1] else -0.3  # outwards: down from below, else up
+            ax.annotate("", xy=pos[node.name], xytext=pos[parent], zorder=2,
+                        arrowprops={"arrowstyle": "-|>", "color": "#555", "lw": 1.1, "mutation_scale": 12,
+                                    "patchA": boxes[parent].get_bbox_patch(), "patchB": boxes[node.name].get_bbox_patch(),
+                                    "connectionstyle": f"arc3,rad={bend if skip else 0.0}"})
     ax.axis("off")
-    return _png(fig)
+    return _png(fig, tight=False)
 
 
 def _ordered_curves(curves: dict[str, list]) -> list[str]:
@@ -494,7 +500,8 @@ def render_markdown(spec: PipelineSpec, nodes: list[Node], sections: list[dict],
             lines.append("")
             for model, samples in ((node.manifest.get("eval") or {}).get("samples") or {}).items():
                 for s in samples[:3]:
-                    lines.append(f"- **{model}** `{s.get('prompt')}` → `{s.get('response')}`"
+                    prompt, response = (str(s.get(k) or "").replace("\n", "⏎") for k in ("prompt", "response"))
+                    lines.append(f"- **{model}** `{prompt}` → `{response or '(empty)'}`"
                                  + ("" if s.get("correct") is None else (" ✓" if s["correct"] else " ✗")))
         lines += [f"![{f.key}]({images[f.key]})" for f in section["figures"]]
     for sweep in sweeps:

@@ -4,8 +4,8 @@
 
 This uses Ray's Job Submission SDK (``ray.job_submission.JobSubmissionClient``, the dashboard's
 HTTP port, 8265). The job's entrypoint is ``python -m pipeline.cli run CONFIG --set
-ray.address=auto`` (the driver joins the cluster it runs on instead of starting a local Ray),
-and its ``runtime_env`` carries:
+ray.address=auto`` (the driver joins the cluster it runs on instead of starting a local Ray;
+``--command sweep`` runs ``rayalign sweep`` instead), and its ``runtime_env`` carries:
 
 * ``working_dir``: the project folder (the nearest folder above CONFIG holding ``pipeline/``
   and ``stages/``; or ``--working-dir``), uploaded as a zip that respects ``.gitignore`` and
@@ -66,11 +66,15 @@ def local_packages() -> list[str]:
 
 def build_job(config: str | Path, overrides: list[str] | None = None, *, working_dir: str | Path | None = None,
               code: str = "ship", pip: list[str] | None = None, env: list[str] | None = None,
-              python: str = "python") -> dict:
+              python: str = "python", command: str = "run") -> dict:
     """The keyword arguments of ``JobSubmissionClient.submit_job`` (and the validated spec, under "spec")."""
     config = Path(config).resolve()
     overrides = list(overrides or [])
     spec = load_spec(config, overrides)  # a broken config fails here, not minutes later on the cluster
+    if command == "sweep":
+        from pipeline.sweep import resolve_sweep
+
+        resolve_sweep(spec)
     root = Path(working_dir).resolve() if working_dir else project_root(config)
     try:
         relative = config.relative_to(root)
@@ -82,7 +86,7 @@ def build_job(config: str | Path, overrides: list[str] | None = None, *, working
     if pip:
         runtime_env["pip"] = list(pip)
     runtime_env["env_vars"] = job_env(env or [])
-    entrypoint = [python, "-m", "pipeline.cli", "run", relative.as_posix()]
+    entrypoint = [python, "-m", "pipeline.cli", command, relative.as_posix()]
     for override in [*overrides, JOIN_CLUSTER]:
         entrypoint += ["--set", override]
     return {
@@ -158,7 +162,7 @@ def submit(config: str | Path, address: str, overrides: list[str] | None = None,
     if warning:
         print(f"rayalign: warning: {warning}", file=sys.stderr)
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(**job)
+    job_id = submit_with_retry(client, job)
     print(f"submitted {job_id} to {address}", file=out)
     for line in describe(job):
         print(f"  {line}", file=out)
@@ -174,6 +178,18 @@ def submit(config: str | Path, address: str, overrides: list[str] | None = None,
     status = wait_for(client, job_id)
     print(f"job {job_id}: {status}", file=out)
     return job_id, status
+
+
+def submit_with_retry(client, job: dict, timeout_s: float = 120.0) -> str:
+    """``submit_job``, retried while a freshly started head's job agent is not up yet (HTTP 500)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 async def _stream(client, job_id: str, out) -> None:

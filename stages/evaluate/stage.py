@@ -1,0 +1,421 @@
+"""The ``eval`` stage: compare the models of a pipeline on held-out data; no model is written.
+
+Run it alone with ``rayalign run PIPELINE.yaml --only eval``. For each model in ``models:`` (plus
+the reference), one Ray Data batch-inference pass (``stages.evaluate.generation``) generates the
+responses to every held-out prompt, samples for the KL estimate and scores held-out SFT answers and
+preference pairs; then :mod:`stages.evaluate.metrics` turns the rows into:
+
+* ``tasks.<task>``: verifier accuracy with a Wilson 95% interval, overall and per category;
+* ``reward``: the reward model's score of the responses (mean, std);
+* ``win_rate``: against the reference's responses to the same prompts, judged by the reward model,
+  ties (identical responses or equal scores) counted half;
+* ``kl``: KL(model || reference) from the model's own samples at temperature 1;
+* ``length``: response length in tokens, fraction that ended on eos;
+* ``perplexity`` on ``sft_data``; ``preference``: pairs ranked correctly by the implicit reward
+  ``log pi/ref`` (chosen vs rejected).
+
+Outputs in the artifact folder: ``metrics.json`` (one entry per model keyed by its artifact
+fingerprint and the eval settings' hash, with ``num_examples`` sample responses) and
+``responses/<key>.jsonl`` (every response with its verdict and reward). When the stage reruns (e.g.
+``models:`` grew), entries whose key is in an earlier eval artifact of the same stage are reused
+and only the new models are evaluated; the manifest's ``eval.reused`` names them.
+lm-eval-harness benchmarks are not run (not installed here, and they need the hub's datasets).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.spec import EvalConfig, PipelineSpec
+from pipeline.store import Artifact, ArtifactStore, fingerprint, write_json
+from stages.evaluate import metrics as M
+from stages.stage import StageContext, StageResult, Stopwatch
+
+EVAL_VERSION = "eval/1"  # bump when the computation of any metric changes: every cached entry is recomputed
+METRICS_FILE = "metrics.json"
+RESPONSES_DIR = "responses"
+
+
+# --------------------------------------------------------------------------- held-out data
+
+
+@dataclass
+class EvalData:
+    prompts: list[dict] = field(default_factory=list)  # gen rows plus their metadata (set, task, answer, category)
+    sft: list[dict] = field(default_factory=list)  # ppl rows
+    pairs: list[dict] = field(default_factory=list)  # pref rows
+    summary: dict = field(default_factory=dict)  # data source -> loader summary
+
+    def rows(self, kl_prompts: int) -> list[dict]:
+        """The input rows of the Ray Data pass (plain columns only)."""
+        gen = [{"row": p["row"], "purpose": "gen", "messages": p["messages"], "target": "", "kl": p["row"] < kl_prompts}
+               for p in self.prompts]
+        return gen + [{**r, "kl": False} for r in self.sft + self.pairs]
+
+
+def _messages(conversation) -> str:
+    return json.dumps([m.to_dict() for m in conversation])
+
+
+def load_eval_data(ctx: StageContext, config: EvalConfig) -> EvalData:
+    """Prompt rows (tasks first, then ``prompts:``), SFT answers and pairs, ``max_prompts`` per set."""
+    from stages.data import load_records
+    from stages.tasks import TASKS
+
+    data = EvalData()
+    cap = config.max_prompts
+
+    def load(source, kind: str, name: str):
+        limit = min(x for x in (source.limit, cap) if x is not None) if (source.limit or cap) else None
+        loaded = load_records(ctx.resolve(source.path), kind, format=source.format, limit=limit)
+        data.summary[name] = loaded.summary()
+        return loaded.records
+
+    def add_prompts(records, set_name: str, task: str | None) -> None:
+        for record in records:
+            data.prompts.append({"row": len(data.prompts), "set": set_name, "task": task,
+                                 "messages": _messages(record.prompt), "answer": record.answer, "record": record})
+
+    for task in config.tasks:
+        if task.data is not None:
+            add_prompts(load(task.data, "prompt", f"tasks.{task.name}"), f"task:{task.name}", task.name)
+        elif TASKS[task.name].has_generator:
+            add_prompts(load(_builtin_test(task.name), "prompt", f"tasks.{task.name}"), f"task:{task.name}", task.name)
+    verifier_only = [t.name for t in config.tasks if t.data is None and not TASKS[t.name].has_generator]
+    for i, source in enumerate(config.prompts):
+        records = load(source, "prompt", f"prompts[{i}]")
+        name = _set_name(source.path, {p["set"] for p in data.prompts})
+        for record in records:
+            # A prompt set with answers (GSM8K) is scored by the verifier-only task(s) named in tasks:.
+            task = verifier_only[0] if verifier_only and record.answer is not None else None
+            add_prompts([record], name if task is None else f"task:{task}", task)
+    if config.sft_data is not None:
+        for record in load(config.sft_data, "sft", "sft_data"):
+            *prompt, last = record.messages
+            if last.role == "assistant" and prompt:
+                data.sft.append({"row": len(data.sft), "purpose": "ppl", "messages": _messages(prompt),
+                                 "target": _messages((last,))})
+    if config.preference_data is not None:
+        for record in load(config.preference_data, "preference", "preference_data"):
+            target = json.dumps({"chosen": [m.to_dict() for m in record.chosen],
+                                 "rejected": [m.to_dict() for m in record.rejected]})
+            data.pairs.append({"row": len(data.pairs), "purpose": "pref", "messages": _messages(record.prompt),
+                               "target": target})
+    return data
+
+
+def _builtin_test(task: str):
+    from pipeline.spec import DataConfig
+
+    return DataConfig(path=f"builtin:{task}/test")
+
+
+def _set_name(path: str, taken: set[str]) -> str:
+    name = Path(path.removeprefix("builtin:")).name.split(".")[0] or "prompts"
+    candidate, i = name, 2
+    while candidate in taken:
+        candidate, i = f"{name}-{i}", i + 1
+    return candidate
+
+
+# --------------------------------------------------------------------------- models and settings
+
+
+def choose_reference(config: EvalConfig, spec: PipelineSpec) -> str:
+    """``reference:``, else the first sft stage among the models, else the first model."""
+    if config.reference:
+        return config.reference
+    for name in config.models:
+        if name in spec.stages and spec.stages[name].kind == "sft":
+            return name
+    return config.models[0]
+
+
+def check_models(names: list[str], spec: PipelineSpec) -> None:
+    for name in names:
+        kind = spec.stages[name].kind if name in spec.stages else "base"
+        if kind in ("reward", "eval"):
+            raise ValueError(f"eval: {name!r} is a {kind} stage, not a model that generates; "
+                             f"give reward models as `reward: {name}`" if kind == "reward" else
+                             f"eval: {name!r} is an eval stage, not a model")
+
+
+def model_folder(ctx: StageContext, artifact: Artifact) -> Path:
+    """Full weights of an upstream output (adapters merged once into ``<run>/.merged``)."""
+    from stages.models import full_model_dir
+
+    return full_model_dir(artifact.path, artifact.model_dir, ctx.spec.run_root() / ".merged")
+
+
+def eval_settings(ctx: StageContext, config: EvalConfig, by_stage: dict[str, Artifact], reference: str) -> dict:
+    """Everything besides the model's own weights that its results depend on (the cache key's other half)."""
+    from pipeline.runner import data_fingerprint
+    from stages.rollout import resolve_engine_name
+    from stages.stage import data_sources
+    from stages.tasks import get_task
+
+    gen = config.generation
+    return {
+        "version": EVAL_VERSION,
+        "engine": resolve_engine_name(gen.engine),
+        "sampling": {k: getattr(gen, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "num_samples",
+                                                  "kl_prompts")},
+        "tasks": {t.name: get_task(t.name).fingerprint() for t in config.tasks},
+        "data": {name: {"fp": data_fingerprint(ctx.resolve(d.path)), "limit": d.limit, "format": d.format}
+                 for name, (d, _) in data_sources(config).items()},
+        "max_prompts": config.max_prompts,
+        "num_examples": config.num_examples,
+        "chat_template": config.chat_template,
+        "reference": by_stage[reference].fingerprint,
+        "reward": by_stage[config.reward].fingerprint if config.reward else None,
+    }
+
+
+def previous_entries(ctx: StageContext) -> dict[str, tuple[dict, Path]]:
+    """Cache key -> (entry, its folder) from every earlier complete eval artifact of this stage (newest
+    first wins) and from this run's own partial folder (an interrupted eval resumes)."""
+    store = ArtifactStore(ctx.spec.run_root())
+    folders = [ctx.work_dir]
+    stage_dir = store.stage_dir(ctx.name)
+    if stage_dir.is_dir():
+        artifacts = [a for d in stage_dir.iterdir() if not d.name.startswith(".") and (a := store.find(ctx.name, d.name))]
+        folders += [a.path for a in sorted(artifacts, key=lambda a: a.manifest.get("finished", ""), reverse=True)]
+    found: dict[str, tuple[dict, Path]] = {}
+    for folder in folders:
+        try:
+            entries = json.loads((folder / METRICS_FILE).read_text())["models"]
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            continue
+        for key, entry in entries.items():
+            if key not in found and (folder / RESPONSES_DIR / f"{key}.jsonl").exists():
+                found[key] = (entry, folder)
+    return found
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(ctx: StageContext) -> StageResult:
+    from pipeline.cluster import ensure_ray
+    from stages.evaluate.generation import run_inference
+
+    config: EvalConfig = ctx.config
+    by_stage = {artifact.stage: artifact for artifact in ctx.inputs.values()}
+    reference = choose_reference(config, ctx.spec)
+    names = [reference] + [m for m in config.models if m != reference]  # the reference first: others need it
+    check_models(names, ctx.spec)
+    if config.reward and ctx.spec.stages.get(config.reward) is not None and ctx.spec.stages[config.reward].kind != "reward":
+        ctx.log(f"warning: reward: {config.reward!r} is a {ctx.spec.stages[config.reward].kind} stage; "
+                "its folder is loaded as a sequence classifier")
+    data = load_eval_data(ctx, config)
+    settings = eval_settings(ctx, config, by_stage, reference)
+    settings_fp = fingerprint(settings)
+    previous = previous_entries(ctx)
+    reward_path = str(model_folder(ctx, by_stage[config.reward])) if config.reward else None
+    reference_path = model_folder(ctx, by_stage[reference])
+    (ctx.work_dir / RESPONSES_DIR).mkdir(parents=True, exist_ok=True)
+
+    entries: dict[str, dict] = {}
+    keys: dict[str, str] = {}
+    models_info: dict[str, dict] = {}
+    for name in names:
+        artifact = by_stage[name]
+        key = fingerprint({"model": artifact.fingerprint, "settings": settings_fp})
+        keys[name] = key
+        target = ctx.work_dir / RESPONSES_DIR / f"{key}.jsonl"
+        if key in previous:
+            entry, folder = previous[key]
+            if folder != ctx.work_dir:
+                shutil.copyfile(folder / RESPONSES_DIR / f"{key}.jsonl", target)
+            ctx.log(f"{name}: reusing results {key} from {folder}")
+            models_info[name] = {"fingerprint": artifact.fingerprint, "key": key, "reused_from": str(folder)}
+        else:
+            ensure_ray(ctx.spec)
+            path = model_folder(ctx, artifact)
+            ctx.log(f"{name}: evaluating {path} ({len(data.prompts)} prompts, {len(data.sft)} sft answers, "
+                    f"{len(data.pairs)} pairs) against {reference}")
+            watch = Stopwatch()
+            rows = run_inference(data.rows(config.generation.kl_prompts), model_path=str(path),
+                                 reference_path=str(reference_path), reward_path=reward_path,
+                                 generation=config.generation, chat_template=config.chat_template)
+            inference_seconds = watch.seconds
+            reference_rows = None if name == reference else read_responses(ctx.work_dir / RESPONSES_DIR / f"{keys[reference]}.jsonl")
+            entry, responses = summarize(rows, data, config, reference_rows)
+            write_jsonl(target, responses)
+            ctx.log(f"{name}: Ray Data inference {inference_seconds:.1f}s, metrics {watch.seconds - inference_seconds:.1f}s")
+            models_info[name] = {"fingerprint": artifact.fingerprint, "key": key, "reused_from": None,
+                                 "model_dir": str(path)}
+        entry = {**entry, "stage": name, "fingerprint": artifact.fingerprint, "settings": settings_fp}
+        entries[name] = entry
+        write_json(ctx.work_dir / METRICS_FILE,
+                   {"settings": settings, "models": {keys[n]: e for n, e in entries.items()}})
+
+    reused = [n for n in names if models_info[n]["reused_from"]]
+    order = list(config.models) + ([reference] if reference not in config.models else [])
+    manifest = {
+        "model_type": None,
+        "eval": {
+            "models": models_info,
+            "order": order,
+            "reference": reference,
+            "reward": config.reward,
+            "reused": reused,
+            "computed": [n for n in names if n not in reused],
+            "engine": settings["engine"],
+            "sampling": {**settings["sampling"], "kl_temperature": 1.0},
+            "settings_fingerprint": settings_fp,
+            "samples": {n: entries[n].get("samples", []) for n in order},
+            "lm_eval": "skipped: lm-eval-harness is not installed and needs the model hub",
+        },
+    }
+    result_metrics = {n: entries[n]["metrics"] for n in order}
+    ctx.log(f"reused {reused or 'none'}; computed {manifest['eval']['computed'] or 'none'}")
+    return StageResult(metrics=result_metrics, data=data.summary, manifest=manifest)
+
+
+# --------------------------------------------------------------------------- rows -> metrics
+
+
+def summarize(rows: list[dict], data: EvalData, config: EvalConfig, reference_rows: list[dict] | None
+              ) -> tuple[dict, list[dict]]:
+    """One model's metrics (and its per-prompt responses) from the rows of its inference pass.
+
+    ``reference_rows``: the reference's responses (None when this model is the reference: its win
+    rate is 0.5 by definition, every response tying with itself)."""
+    from stages.tasks import get_task
+
+    gen = {r["row"]: r for r in rows if r["purpose"] == "gen"}
+    tasks_by_name = {name: get_task(name) for name in {p["task"] for p in data.prompts if p["task"]}}
+    responses = []
+    for prompt in data.prompts:
+        out = gen[prompt["row"]]
+        entry = {"row": prompt["row"], "set": prompt["set"], "task": prompt["task"], "prompt": _prompt_text(prompt),
+                 "answer": prompt["answer"], "response": out["text"], "tokens": out["tokens"],
+                 "finished": out["finished"], "reward": None if _nan(out["reward"]) else out["reward"],
+                 "correct": None, "category": None}
+        if prompt["task"]:
+            task = tasks_by_name[prompt["task"]]
+            entry["correct"] = bool(task.verify(prompt["record"], out["text"]))
+            entry["category"] = task.category(prompt["record"])
+        responses.append(entry)
+
+    metrics: dict = {"prompts": len(responses)}
+    tasks = {}
+    for task_name in dict.fromkeys(r["task"] for r in responses if r["task"]):
+        scored = [r for r in responses if r["task"] == task_name]
+        correct = [r["correct"] for r in scored]
+        tasks[task_name] = {**M.accuracy(correct),
+                            "categories": M.accuracy_by_category(correct, [r["category"] for r in scored])}
+    metrics["tasks"] = tasks
+    rewards = [r["reward"] for r in responses if r["reward"] is not None]
+    metrics["reward"] = M.mean_std(rewards) if rewards else None
+    metrics["length"] = {"mean_tokens": M.mean_std([r["tokens"] for r in responses])["mean"] if responses else None,
+                         "finished": (sum(r["finished"] for r in responses) / len(responses)) if responses else None}
+    if rewards and reference_rows is None:
+        metrics["win_rate"] = M.win_rate(rewards, rewards, same=[True] * len(rewards))
+    elif rewards:
+        by_row = {r["row"]: r for r in reference_rows}
+        mine = [r for r in responses if r["reward"] is not None and by_row.get(r["row"], {}).get("reward") is not None]
+        metrics["win_rate"] = M.win_rate([r["reward"] for r in mine], [by_row[r["row"]]["reward"] for r in mine],
+                                         same=[r["response"] == by_row[r["row"]]["response"] for r in mine])
+    else:
+        metrics["win_rate"] = None
+    kl_rows = [r for r in rows if r["purpose"] == "kl"]
+    metrics["kl"] = M.kl_estimate([json.loads(r["policy_lp"]) for r in kl_rows],
+                                  [json.loads(r["ref_lp"]) for r in kl_rows]) if kl_rows else None
+    ppl_rows = [r for r in rows if r["purpose"] == "ppl"]
+    metrics["perplexity"] = M.perplexity([json.loads(r["policy_lp"]) for r in ppl_rows]) if ppl_rows else None
+    pref_rows = [r for r in rows if r["purpose"] == "pref"]
+    if pref_rows:
+        sums = {k: [sum(json.loads(r[k])) for r in pref_rows] for k in ("policy_lp", "ref_lp", "policy_lp2", "ref_lp2")}
+        metrics["preference"] = M.implicit_reward_ranking(sums["policy_lp"], sums["ref_lp"], sums["policy_lp2"],
+                                                          sums["ref_lp2"])
+    else:
+        metrics["preference"] = None
+    metrics["summary"] = summary_row(metrics)
+    return {"metrics": metrics, "samples": pick_samples(responses, config.num_examples)}, responses
+
+
+def summary_row(metrics: dict) -> dict:
+    """The headline numbers of one model, flat (the report's and the demo's table)."""
+    row = {}
+    for task, result in metrics["tasks"].items():
+        row[f"accuracy/{task}"] = result["accuracy"]
+        for category, sub in result["categories"].items():
+            row[f"accuracy/{task}/{category}"] = sub["accuracy"]
+    if metrics.get("reward"):
+        row["reward_mean"] = metrics["reward"]["mean"]
+    if metrics.get("win_rate"):
+        row["win_rate"] = metrics["win_rate"]["win_rate"]
+        row["ties"] = metrics["win_rate"]["ties"]
+    if metrics.get("kl"):
+        row["kl"] = metrics["kl"]["kl"]
+    row["length"] = metrics["length"]["mean_tokens"]
+    if metrics.get("perplexity"):
+        row["perplexity"] = metrics["perplexity"]["perplexity"]
+    if metrics.get("preference"):
+        row["pref_accuracy"] = metrics["preference"]["accuracy"]
+    return row
+
+
+def pick_samples(responses: list[dict], count: int) -> list[dict]:
+    """``count`` responses, taking the prompt sets in turn (the same prompts for every model)."""
+    by_set: dict[str, list[dict]] = {}
+    for r in responses:
+        by_set.setdefault(r["set"], []).append(r)
+    picked, i = [], 0
+    while len(picked) < count and any(i < len(v) for v in by_set.values()):
+        picked += [v[i] for v in by_set.values() if i < len(v)][: count - len(picked)]
+        i += 1
+    keep = ("row", "set", "prompt", "answer", "response", "correct", "reward", "category")
+    return [{k: r[k] for k in keep} for r in picked]
+
+
+def _prompt_text(prompt: dict) -> str:
+    messages = json.loads(prompt["messages"])
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) if len(messages) > 1 else messages[0]["content"]
+
+
+def _nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def read_responses(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def format_table(artifact: Artifact) -> str:
+    """The eval artifact's headline numbers as a text table (one row per model)."""
+    metrics = artifact.metrics
+    rows = {name: m.get("summary", {}) for name, m in metrics.items()}
+    columns = list(dict.fromkeys(k for r in rows.values() for k in r))
+    info = artifact.manifest.get("eval", {})
+    header = (f"eval {artifact.stage} ({artifact.fingerprint}): reference {info.get('reference')}, "
+              f"reward {info.get('reward') or '-'}, engine {info.get('engine')}, reused {info.get('reused') or 'none'}")
+    width = max([len(n) for n in rows] + [5])
+    lines = [header, "  " + "model".ljust(width) + "".join(f"  {c:>14}" for c in columns)]
+    for name, row in rows.items():
+        cells = "".join(f"  {_fmt(row.get(c)):>14}" for c in columns)
+        lines.append("  " + name.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
