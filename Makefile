@@ -25,7 +25,7 @@ else
 MAIN_EXTRAS := dev,gpu
 endif
 
-.PHONY: install install-vllm demo test test-main test-vllm test-fast test-slow bench clean
+.PHONY: install install-vllm demo test test-main test-vllm test-fast test-slow bench clean k8s-example
 
 install: $(STAMP)
 
@@ -83,3 +83,7 @@ bench: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Re-render the checked-in KubeRay example after changing configs/tiny.yaml (a test compares them).
+k8s-example: install
+	$(PY) -m pipeline.cli k8s configs/tiny.yaml --storage-claim rayalign-runs -o k8s/rayjob-tiny.yaml

@@ -35,7 +35,10 @@ def stage_fingerprint(spec: PipelineSpec, node: str, upstream: dict[str, str]) -
     from stages.stage import data_sources
 
     if node == BASE:
-        payload = {"base": spec.base.model_dump(), "version": rayalign_version()}
+        from stages.pretrained import BUILTIN_BASES
+
+        recipe = BUILTIN_BASES.get(spec.base.model.removeprefix("builtin:"))
+        payload = {"base": spec.base.model_dump(), "recipe": recipe, "version": rayalign_version()}
         return fingerprint(payload)
     config = spec.stages[node]
     data = {name: data_fingerprint(spec.resolve_path(d.path)) for name, (d, _) in data_sources(config).items()}

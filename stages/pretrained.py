@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from stages.stage import StageContext, StageResult
 
-BUILTIN_BASES = ("tiny-llama",)
+# Builtin base name -> version of its recipe (part of the cache key: bump when the model changes).
+BUILTIN_BASES = {"tiny-llama": "2"}
 
 
 def run(ctx: StageContext) -> StageResult:

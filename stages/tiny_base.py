@@ -19,8 +19,9 @@ tokens ``<pad>``, ``<s>``, ``</s>``, ``<unk>``, ``<|im_start|>`` and ``<|im_end|
 tokens; the eos is ``<|im_end|>`` so that generation stops at the end of an assistant turn. No bos
 is added on encode.
 
-Model: ``LlamaForCausalLM`` with head_dim 64 (vLLM's CPU attention kernels want 64), tied
-embeddings, float32.
+Model: ``LlamaForCausalLM`` with 4 heads of size 32 (vLLM's CPU attention kernels take it), tied
+embeddings, float32. Four heads rather than two of size 64 is what lets the model learn 2-digit
+addition in a few hundred steps (measured: SFT loss 0.14 vs 0.77 after 700 steps, same budget).
 
 Pretraining corpus (``pretrain_steps > 0``): chatml conversations, generated from ``seed``, of
   * echo: the user sends a random string of characters, the assistant repeats it;
@@ -216,7 +217,7 @@ def build_tiny_base(
     name: str = "tiny-llama",
     hidden_size: int = 128,
     num_layers: int = 2,
-    num_heads: int = 2,
+    num_heads: int = 4,
     intermediate_size: int = 512,
     max_position_embeddings: int = 256,
     pretrain_steps: int = 200,

@@ -25,9 +25,13 @@ from stages.rollout.base import (  # noqa: E402
 )
 
 VLLM_OK, VLLM_WHY = vllm_status()
-needs_vllm = [pytest.mark.vllm,
-              pytest.mark.skipif(not VLLM_OK, reason=f"vllm is not importable here ({VLLM_WHY}); run in .venv-vllm")]
-ENGINES = ["hf", pytest.param("vllm", marks=needs_vllm)]
+_skip_without_vllm = pytest.mark.skipif(not VLLM_OK, reason=f"vllm is not importable here ({VLLM_WHY}); run in .venv-vllm")
+
+
+def needs_vllm(test):
+    """Skip where vllm does not import; mark ``vllm`` so `make test` runs it in the vLLM venv."""
+    return pytest.mark.vllm(_skip_without_vllm(test))
+ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, _skip_without_vllm])]
 
 MATCH_TOL = 2e-3  # engine vs reference log-probs (float32: measured ~1e-6)
 CHANGE_MIN = 0.05  # an update must move some log-prob by more than this (nats)

@@ -39,7 +39,7 @@ def test_folder_is_a_standard_hf_model(built):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
-    assert config["head_dim"] == 64 and config["tie_word_embeddings"] is True
+    assert config["head_dim"] == 32 and config["tie_word_embeddings"] is True
     assert config["dtype"] == "float32" and config["use_cache"] is True
     assert not list(out.parent.glob(".tiny-llama.*")), "staging folder left behind"
     assert metrics["parameters"] > 100_000 and metrics["vocab_size"] == config["vocab_size"]
@@ -112,7 +112,7 @@ def test_saved_model_has_the_same_logits_as_in_memory(tmp_path):
     assert metrics["pretrain_loss"] == [] and metrics["final_loss"] is None
     tok = build_char_tokenizer()
     in_memory = build_llama(
-        tok, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512, max_position_embeddings=256, seed=3
+        tok, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, max_position_embeddings=256, seed=3
     ).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.get_input_embeddings().weight.data_ptr() == reloaded.get_output_embeddings().weight.data_ptr()
