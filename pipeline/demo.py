@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             print_eval_table(artifact)
     else:
         print_task_accuracy(spec, artifacts)
-    report = spec.run_root() / "report" / "index.html"
-    if report.exists():
-        print(f"\nreport: {report}")
+    from pipeline.report import build_report
+
+    print(f"\nreport: {build_report(spec)}")
     return 0
 
 

@@ -36,7 +36,7 @@ def test_lora_sft_on_two_workers(zero_stage, ray_cluster, tiny_base, tmp_path):
     artifact = run_pipeline(spec)["sft"]
 
     curve = losses(artifact)
-    assert curve[-1] < 0.8 * curve[0], f"loss did not fall: {curve}"
+    assert curve[-1] < 0.9 * curve[0], f"loss did not fall: {curve}"
     assert artifact.manifest["model_type"] == "adapter"
     assert artifact.manifest["status"] == "complete"
 
