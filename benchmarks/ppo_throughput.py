@@ -1,0 +1,235 @@
+"""PPO/GRPO throughput: rollout engines (hf vs vllm) and GRPO samples/s of rayalign vs TRL's GRPOTrainer.
+
+    .venv/bin/python benchmarks/ppo_throughput.py                 # writes benchmarks/results/ppo_throughput.json
+    .venv/bin/python benchmarks/ppo_throughput.py --model DIR --iterations 10 --prompts 16 --n 4
+
+Part 1 -- rollout tokens/s of the ``hf`` and ``vllm`` engines on the same weights and the same sampling
+workload (prompts x n samples, temperature 1). vLLM runs where ``import vllm`` works: in this
+interpreter, else in ``.venv-vllm`` (this script re-runs itself there with ``--engines-only``; both
+engines are then measured in that venv). Otherwise the reason it was skipped is recorded.
+
+Part 2 -- GRPO, same tiny model, same generation settings (prompts x n completions of at most
+``max_new_tokens``, temperature 1), full fine-tuning, one optimizer step per iteration over all
+samples, KL coefficient ``beta`` (k3, in the loss) on both sides, dropout off:
+  * rayalign: the ``ppo`` stage with ``algorithm.advantage: grpo`` through the pipeline runner (one
+    Ray Train worker + one hf rollout-engine actor); samples/s from the per-iteration wall time
+    (median after the first), and end to end (stage wall time, Ray start-up included);
+  * TRL: ``GRPOTrainer`` in this process (HF ``generate``, no vLLM); samples/s from the per-step
+    time (median after the first) and from ``train_runtime``.
+The ratio is rayalign / TRL. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def addition_prompts(tokenizer, count: int) -> list[list[int]]:
+    from stages.ppo.worker import prompt_token_ids
+    from stages.tasks import get_task
+
+    records = get_task("addition").load("prompt", "train", count).records
+    return [prompt_token_ids(tokenizer, [m.to_dict() for m in r.prompt]) for r in records]
+
+
+def engine_throughput(model: str, engine: str, prompts: int, n: int, max_new_tokens: int, repeats: int = 2) -> dict:
+    """Generated tokens / wall second for one engine (in this process), best of ``repeats`` after a warm-up."""
+    from stages.rollout import SamplingParams, create_engine
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = addition_prompts(tokenizer, prompts)
+    started = time.perf_counter()
+    eng = create_engine(engine, model)
+    load_seconds = time.perf_counter() - started
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=0)
+    eng.generate(ids[:2], params)  # warm-up
+    runs = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        out = eng.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=i))
+        seconds = time.perf_counter() - started
+        tokens = sum(len(r.response_ids) for r in out)
+        runs.append({"tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)})
+    eng.close()
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    return {"engine": engine, "load_seconds": round(load_seconds, 2), "tokens_per_s": best["tokens_per_s"],
+            "runs": runs, "python": sys.executable}
+
+
+def engines_part(model: str, args) -> dict:
+    from stages.rollout import vllm_status
+
+    workload = {"prompts": args.prompts * 2, "n": args.n, "max_new_tokens": args.max_new_tokens,
+                "temperature": 1.0}
+    out: dict = {"workload": workload, "model": model}
+    ok, why = vllm_status()
+    out["hf"] = engine_throughput(model, "hf", workload["prompts"], args.n, args.max_new_tokens)
+    if ok:
+        out["vllm"] = engine_throughput(model, "vllm", workload["prompts"], args.n, args.max_new_tokens)
+        out["vllm_venv"] = sys.executable
+        return out
+    other = REPO / ".venv-vllm" / "bin" / "python"
+    if args.engines_only or not other.exists():
+        out["vllm"] = {"skipped": why + ("" if other.exists() else f"; no {other}")}
+        return out
+    # vLLM imports in the other venv: measure both engines there, on the same weights.
+    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        cmd = [str(other), __file__, "--engines-only", "--model", model, "--out", handle.name,
+               "--prompts", str(args.prompts), "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens)]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+        if done.returncode != 0:
+            out["vllm"] = {"skipped": f"{other} run failed: {done.stderr[-1500:]}"}
+            return out
+        there = json.loads(Path(handle.name).read_text())["engines"]
+    out["vllm"] = there["vllm"]
+    out["hf_in_vllm_venv"] = there["hf"]
+    out["vllm_over_hf"] = round(there["vllm"]["tokens_per_s"] / there["hf"]["tokens_per_s"], 2)
+    return out
+
+
+def grpo_rayalign(model: str, storage: Path, args) -> dict:
+    from pipeline.runner import run_pipeline
+    from pipeline.spec import parse_spec
+
+    stage = {"kind": "ppo", "from": "sft", "prompts": "builtin:addition", "reward_fn": "addition",
+             "peft": {"method": "full"}, "eval_limit": 1,
+             "algorithm": {"advantage": "grpo", "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3"},
+             "rollout": {"engine": "hf", "n": args.n, "prompts_per_step": args.prompts,
+                         "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
+             "train": {"max_steps": args.iterations, "lr": 1e-5, "batch_size": args.prompts * args.n,
+                       "logging_steps": args.iterations, "lr_schedule": "constant"},
+             "scaling": {"num_workers": 1, "cpus_per_worker": 1}}
+    raw = {"name": f"bench-{int(time.time())}", "storage": str(storage), "tracking": {"backend": "none"},
+           "ray": {"num_cpus": 4}, "stages": {"sft": {"data": "builtin:addition"}, "grpo": stage}}
+    started = time.perf_counter()
+    artifact = run_pipeline(parse_spec(raw), only=["grpo"], inputs={"sft": model})["grpo"]
+    wall = time.perf_counter() - started
+    curves = artifact.manifest["curves"]
+    iteration = [p["value"] for p in curves["iteration_seconds"]]
+    samples = args.prompts * args.n
+    steady = statistics.median(iteration[1:] or iteration)
+    return {
+        "samples_per_iteration": samples,
+        "iteration_seconds": [round(s, 4) for s in iteration],
+        "samples_per_s_steady": round(samples / steady, 2),
+        "samples_per_s_end_to_end": round(samples * args.iterations / wall, 2),
+        "stage_wall_seconds": round(wall, 1),
+        "rollout_tokens_per_s_median": round(statistics.median(p["value"] for p in curves["rollout_tokens_per_s"]), 1),
+        "phase_seconds_median": {k: round(statistics.median(p["value"] for p in curves[f"{k}_seconds"]), 4)
+                                 for k in ("rollout", "experience", "training", "sync")},
+        "resources": "1 Ray Train worker (1 CPU, 1 thread) + 1 hf rollout-engine actor (1 CPU, 1 thread)",
+    }
+
+
+def grpo_trl(model: str, out_dir: Path, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from stages.tasks import get_task
+
+    torch.set_num_threads(args.trl_threads)
+    task = get_task("addition")
+    records = task.load("prompt", "train", args.prompts * args.iterations).records
+    dataset = Dataset.from_list([{"prompt": [m.to_dict() for m in r.prompt], "answer": r.answer} for r in records])
+    by_text = {r.prompt[-1].content: r for r in records}
+
+    def verifier(prompts, completions, **kwargs):
+        return [task.reward(by_text[p[-1]["content"]], c[0]["content"]) for p, c in zip(prompts, completions)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.last = [], None
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.times.append(time.perf_counter() - self.last)
+
+    config = GRPOConfig(
+        output_dir=str(out_dir), max_steps=args.iterations, learning_rate=1e-5, lr_scheduler_type="constant",
+        per_device_train_batch_size=args.prompts * args.n, num_generations=args.n,
+        max_completion_length=args.max_new_tokens, temperature=1.0, beta=args.beta, num_iterations=1,
+        use_cpu=True, bf16=False, gradient_checkpointing=False, disable_dropout=True, report_to=[],
+        save_strategy="no", logging_steps=args.iterations, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        shuffle_dataset=False,
+    )
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=[verifier], args=config, train_dataset=dataset,
+                          processing_class=AutoTokenizer.from_pretrained(model), callbacks=[timer])
+    result = trainer.train()
+    samples = args.prompts * args.n
+    steady = statistics.median(timer.times[1:] or timer.times)
+    return {
+        "samples_per_iteration": samples,
+        "step_seconds": [round(s, 4) for s in timer.times],
+        "samples_per_s_steady": round(samples / steady, 2),
+        "samples_per_s_end_to_end": round(samples * args.iterations / result.metrics["train_runtime"], 2),
+        "train_runtime": round(result.metrics["train_runtime"], 2),
+        "resources": f"1 process, torch threads {args.trl_threads}, HF generate (use_vllm=False)",
+    }
+
+
+def build_model(cache: Path) -> str:
+    from stages.tiny_base import build_tiny_base
+
+    model = cache / "tiny-base"
+    if not (model / "config.json").exists():
+        build_tiny_base(model, pretrain_steps=30, seed=0)
+    return str(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="HF causal-LM folder (default: the builtin tiny base, built once)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ppo_throughput.json"))
+    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss), both sides")
+    parser.add_argument("--trl-threads", type=int, default=2)
+    parser.add_argument("--engines-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    cache = REPO / ".cache" / "benchmarks"  # git-ignored
+    cache.mkdir(parents=True, exist_ok=True)
+    model = args.model or build_model(cache)
+    result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                                "load_average_at_start": os.getloadavg()},
+                    "settings": {k: v for k, v in vars(args).items() if k not in ("out", "engines_only")}}
+    result["engines"] = engines_part(model, args)
+    if not args.engines_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["grpo"] = {"rayalign": grpo_rayalign(model, Path(tmp), args)}
+            result["grpo"]["trl"] = grpo_trl(model, Path(tmp) / "trl", args)
+        ray_s, trl_s = result["grpo"]["rayalign"], result["grpo"]["trl"]
+        result["grpo"]["ratio_rayalign_over_trl_steady"] = round(ray_s["samples_per_s_steady"] / trl_s["samples_per_s_steady"], 2)
+        result["grpo"]["ratio_rayalign_over_trl_end_to_end"] = round(
+            ray_s["samples_per_s_end_to_end"] / trl_s["samples_per_s_end_to_end"], 2)
+        result["machine"]["load_average_at_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result if not args.engines_only else result["engines"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

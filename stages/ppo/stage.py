@@ -1,0 +1,219 @@
+"""The ``ppo`` stage driver: rollout engines in Ray actors + one Ray Train job for policy (and critic).
+
+Run it alone with ``rayalign run PIPELINE.yaml --only ppo``; the recipe:
+
+1. load the prompts (``prompts:``, any prompt-only data) once and write them for the workers;
+2. start ``rollout.num_engines`` rollout-engine actors (``stages.rollout``: hf or vLLM, in their own
+   placement group, or colocated with the trainers) on the starting policy (``from:``, full
+   weights), and the reward-model actor when ``reward:`` names a reward stage;
+3. score the held-out prompts greedily with the engines (verifier tasks): the starting accuracy;
+4. ``launcher.launch`` the per-worker loop (``stages.ppo.worker``) with the engine handles;
+5. the engines now hold the final policy: score the held-out prompts again;
+6. metrics/curves into the manifest (``training_curves.summarize_training``).
+
+TRL has no PPO trainer any more (removed 2026-09), so the PPO loop is ours, built on ``stages.rl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from pipeline.spec import PPOConfig
+from stages import launcher, training_data
+from stages.stage import StageContext, StageResult
+from stages.training_curves import summarize_training
+
+# Curves summarised as first/last/mean-of-last-quarter values in the metrics.
+SUMMARY = ("reward_mean", "kl", "entropy", "response_length", "value_loss", "explained_variance",
+           "rollout_tokens_per_s", "training_tokens_per_s", "sync_seconds", "clip_fraction", "approx_kl")
+
+
+def run(ctx: StageContext) -> StageResult:
+    from pipeline.cluster import ensure_ray
+    from stages.ppo.worker import WORKER_INFO, train_ppo_worker
+    from stages.sft import upstream_full_model
+
+    config: PPOConfig = ctx.config
+    check_vllm_lora(config)
+    data = training_data.prepare(ctx, config.prompts, "prompt", seed=config.train.seed)
+    n_prompts = data.summary["train_records"]
+    if config.rollout.prompts_per_step < config.scaling.num_workers:
+        raise ValueError(f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) must be >= "
+                         f"scaling.num_workers ({config.scaling.num_workers})")
+    iterations = config.train.max_steps or math.ceil(config.train.epochs * n_prompts / config.rollout.prompts_per_step)
+    model_source = upstream_full_model(ctx, ctx.inputs["from"])
+    reward_dir = str(ctx.inputs["reward"].model_dir) if "reward" in ctx.inputs else None
+    critic = config.critic_config
+    ensure_ray(ctx.spec)
+    engines = RolloutEngines(ctx, config, model_source)
+    reward_actor = None
+    try:
+        engines.start()
+        if reward_dir and config.reward_placement == "actor":
+            from stages.ppo.rewards import start_reward_actor
+
+            reward_actor = start_reward_actor(reward_dir, num_cpus=config.rollout.cpus_per_engine,
+                                              num_gpus=config.rollout.gpus_per_engine,
+                                              env_vars=launcher.worker_env(ctx))
+        evaluation = HeldOut.for_config(ctx, config, model_source)
+        before = evaluation.run(engines.group) if evaluation else {}
+        args = launcher.common_worker_args(
+            ctx, config, model_source,
+            prompts_file=str(data.train_file),
+            iterations=iterations,
+            algorithm={**config.algorithm.model_dump(), "kl_placement": config.algorithm.kl_placement},
+            rollout=config.rollout.model_dump(),
+            colocate=config.rollout.colocate,
+            critic_mode=critic.mode if critic else None,
+            critic_lr=critic.lr if critic else None,
+            critic_source=reward_dir or str(model_source),
+            engines=engines.workers,
+            reward_fn=config.reward_fn,
+            reward_actor=reward_actor,
+            reward_model_dir=reward_dir if config.reward_placement == "worker" else None,
+        )
+        ctx.log(f"{config.algorithm.advantage} for {iterations} iteration(s): {config.rollout.prompts_per_step} "
+                f"prompts x {config.rollout.n} samples per iteration on {len(engines.workers)} "
+                f"{engines.engine_name} engine(s); critic {critic.mode if critic else 'none'}; "
+                f"reward {' + '.join(filter(None, [config.reward_fn, config.reward and f'model:{config.reward}']))}")
+        log = launcher.launch(ctx, config, train_ppo_worker, args)
+        after = evaluation.run(engines.group) if evaluation else {}
+    finally:
+        engines.shutdown()
+        if reward_actor is not None:
+            import ray
+
+            ray.kill(reward_actor)
+    info = json.loads((ctx.work_dir / WORKER_INFO).read_text())
+    extra = {**summary_metrics(log["log_history"]),
+             **{f"initial_heldout_{k}": v for k, v in before.items()},
+             **{f"heldout_{k}": v for k, v in after.items()},
+             **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
+    result = summarize_training(ctx, config, log, data.summary, extra_metrics=extra)
+    result.manifest.update(
+        advantage=config.algorithm.advantage, critic=info["critic"], reference=info["reference"],
+        rollout_engine=engines.engine_name, sync_method=info.get("sync_method"),
+        heldout_source=evaluation.source if evaluation else None,
+    )
+    return result
+
+
+def summary_metrics(history: list[dict]) -> dict:
+    """First, last and late-mean (last quarter of the iterations) values of the main curves."""
+    out = {}
+    for key in SUMMARY:
+        values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+        if values:
+            tail = values[-max(1, len(values) // 4):]
+            out.update({f"first_{key}": values[0], f"last_{key}": values[-1], f"late_{key}": sum(tail) / len(tail)})
+    methods = {h.get("sync_method") for h in history if h.get("sync_method")}
+    if methods:
+        out["sync_methods"] = len(methods)
+    return out
+
+
+def check_vllm_lora(config: PPOConfig) -> None:
+    """Fail before anything starts when vLLM will serve the adapter and ``peft.r`` is not a rank it accepts."""
+    if config.peft.method == "full":
+        return
+    from stages.rollout import resolve_engine_name, validate_lora_for_vllm
+
+    if config.rollout.engine == "vllm" or (config.rollout.engine == "auto" and resolve_engine_name("auto") == "vllm"):
+        validate_lora_for_vllm({"r": config.peft.r}, config.rollout.engine_kwargs.get("max_lora_rank"))
+
+
+class RolloutEngines:
+    """The rollout-engine actors of one stage run (driver side)."""
+
+    def __init__(self, ctx: StageContext, config: PPOConfig, model_source) -> None:
+        self.ctx, self.config, self.model_source = ctx, config, str(model_source)
+        self.workers: list = []
+        self.group = None
+        self.placement_group = None
+        self.engine_name = config.rollout.engine
+
+    def engine_kwargs(self) -> dict:
+        from stages.rollout.base import choose_max_lora_rank
+
+        kwargs = {"dtype": "bfloat16" if self.precision() == "bf16" else "float32"}
+        if self.config.peft.method != "full":
+            # Used by vLLM (the hf engine ignores them): LoRA serving with a rank vLLM accepts.
+            kwargs.update(enable_lora=True, max_lora_rank=choose_max_lora_rank(self.config.peft.r))
+        return {**kwargs, **self.config.rollout.engine_kwargs}
+
+    def precision(self) -> str:
+        from stages.models import resolve_precision
+
+        return resolve_precision(self.config.train.precision, self.config.scaling.use_gpu)
+
+    def start(self) -> None:
+        from stages.rollout.actors import RolloutGroup, create_rollout_engines, rollout_placement_group
+
+        rollout = self.config.rollout
+        cpus = 0 if rollout.colocate else rollout.cpus_per_engine
+        if not rollout.colocate:
+            self.placement_group = rollout_placement_group(rollout.num_engines, cpus, rollout.gpus_per_engine)
+        env = launcher.worker_env(self.ctx)
+        self.workers = create_rollout_engines(
+            rollout.num_engines, rollout.engine, self.model_source, num_cpus=cpus, num_gpus=rollout.gpus_per_engine,
+            placement_group=self.placement_group, engine_kwargs=self.engine_kwargs(), env_vars=env,
+        )
+        self.group = RolloutGroup(self.workers)
+        self.engine_name = self.group.info()[0]["engine"]
+        if self.engine_name == "vllm" and self.config.peft.method != "full":
+            from stages.rollout import validate_lora_for_vllm
+
+            validate_lora_for_vllm({"r": self.config.peft.r}, self.engine_kwargs().get("max_lora_rank"))
+        self.ctx.log(f"{rollout.num_engines} {self.engine_name} rollout engine(s) "
+                     f"({'colocated' if rollout.colocate else f'{cpus} CPU / {rollout.gpus_per_engine} GPU each'})")
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+        self.group = self.placement_group = None
+
+
+class HeldOut:
+    """Greedy held-out accuracy of whatever policy the engines hold, with a verifier task."""
+
+    def __init__(self, task, examples: list, tokenizer, source: str, max_new_tokens: int) -> None:
+        self.task, self.examples, self.tokenizer = task, examples, tokenizer
+        self.source, self.max_new_tokens = source, max_new_tokens
+
+    @classmethod
+    def for_config(cls, ctx: StageContext, config: PPOConfig, model_source) -> HeldOut | None:
+        from stages.data import load_records
+        from stages.data.loader import parse_builtin
+        from stages.models import load_tokenizer
+        from stages.tasks import TASKS, get_task
+
+        prompts = config.prompts
+        builtin = parse_builtin(prompts.path)[0] if prompts.path.startswith("builtin:") else None
+        task_name = config.reward_fn if config.reward_fn in TASKS else (builtin if builtin in TASKS else None)
+        source = prompts.eval_path or (f"builtin:{builtin}/test" if builtin else None)
+        if task_name is None or source is None:
+            return None
+        examples = list(load_records(ctx.resolve(source), "prompt", format=prompts.format,
+                                     limit=config.eval_limit).records)
+        tokenizer = load_tokenizer(model_source, config.chat_template, ctx.spec.base.trust_remote_code)
+        return cls(get_task(task_name), examples, tokenizer, source, config.rollout.max_new_tokens)
+
+    def run(self, group) -> dict:
+        from stages.ppo.worker import prompt_token_ids
+        from stages.rollout import SamplingParams
+
+        ids = [prompt_token_ids(self.tokenizer, [m.to_dict() for m in e.prompt]) for e in self.examples]
+        results = group.generate(ids, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
+        correct: dict[str, list[bool]] = {}
+        for example, result in zip(self.examples, results):
+            correct.setdefault(self.task.category(example), []).append(self.task.verify(example, result.response_text))
+        everything = [c for values in correct.values() for c in values]
+        out = {"accuracy": sum(everything) / len(everything), "prompts": len(everything)}
+        if len(correct) > 1:
+            out.update({f"{category}_accuracy": sum(v) / len(v) for category, v in correct.items()})
+        return out
