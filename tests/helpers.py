@@ -19,6 +19,12 @@ def quick_sft(**overrides) -> dict:
     """A few-step SFT stage on the builtin addition task: 1 worker, no DeepSpeed."""
     stage = {"kind": "sft", "data": {"path": "builtin:addition", "limit": 256}, "peft": {"method": "lora", "r": 4},
              "train": dict(QUICK_TRAIN)}
+    return with_overrides(stage, overrides)
+
+
+def with_overrides(stage: dict, overrides: dict) -> dict:
+    """A stage dict with ``overrides`` applied; nested sections are merged one level deep."""
+    stage = copy.deepcopy(stage)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(stage.get(key), dict):
             stage[key] = {**stage[key], **value}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import with_overrides
+
 from pipeline.spec import SpecError, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,12 +33,7 @@ def ppo_stage(**overrides) -> dict:
     stage = {"kind": "ppo", "from": "sft", "prompts": "builtin:addition", "reward_fn": "addition",
              "rollout": {"engine": "hf", "n": 4, "prompts_per_step": 16, "max_new_tokens": 6},
              "train": {"max_steps": 4, "lr": 1e-4, "batch_size": 32, "logging_steps": 1}}
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(stage.get(key), dict):
-            stage[key] = {**stage[key], **value}
-        else:
-            stage[key] = value
-    return stage
+    return with_overrides(stage, overrides)
 
 
 def spec_raw(storage, stages: dict, name: str = "ppo", **top) -> dict:
