@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline.spec import DPOConfig
 from stages import launcher, preference_losses, training_data
-from stages.reward import WORKER_INFO, periodic_eval, upstream_full_model, with_default_eval
+from stages.reward import WORKER_INFO, periodic_eval, with_default_eval
 from stages.stage import StageContext, StageResult
 from stages.training_curves import summarize_training
 
@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> StageResult:
     config: DPOConfig = ctx.config
     family = preference_losses.family(config.loss)
     data = training_data.prepare(ctx, with_default_eval(config.data), family.data_kind, seed=config.train.seed)
-    model_source = upstream_full_model(ctx, ctx.inputs["from"])
+    model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
     args = launcher.common_worker_args(
         ctx, config, model_source,
         loss=config.loss,

@@ -21,6 +21,13 @@ from stages.stage import StageContext
 TRAIN_LOG = "train_log.json"
 
 
+def upstream_full_model(ctx: StageContext, artifact) -> Path:
+    """Full weights of an upstream output, for a stage to start from (an adapter is merged once and cached)."""
+    from stages.models import full_model_dir
+
+    return full_model_dir(artifact.path, artifact.model_dir, ctx.spec.run_root() / ".merged")
+
+
 def worker_env(ctx: StageContext) -> dict[str, str]:
     """Environment for training workers: offline hub, quiet Ray prints, tracking destinations."""
     env = {

@@ -35,7 +35,7 @@ WORKER_INFO = "worker_info.json"
 def run(ctx: StageContext) -> StageResult:
     config: RewardConfig = ctx.config
     data = training_data.prepare(ctx, with_default_eval(config.data), "preference", seed=config.train.seed)
-    model_source = upstream_full_model(ctx, ctx.inputs["from"])
+    model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
     uses_peft = config.peft.method != "full"
     args = launcher.common_worker_args(
         ctx, config, model_source,
@@ -69,12 +69,6 @@ def with_default_eval(data: DataConfig) -> DataConfig:
 def periodic_eval(config, data) -> bool:
     """Evaluate during training only when asked (eval_steps or early stopping); the final held-out pass always runs."""
     return data.eval_file is not None and bool(config.train.eval_steps or config.train.early_stopping_patience)
-
-
-def upstream_full_model(ctx: StageContext, artifact) -> Path:
-    from stages.sft import upstream_full_model as full
-
-    return full(ctx, artifact)
 
 
 # --------------------------------------------------------------------------- worker side

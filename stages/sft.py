@@ -17,7 +17,7 @@ def run(ctx: StageContext) -> StageResult:
     config: SFTConfig = ctx.config
     data = training_data.prepare(ctx, config.data, "sft", seed=config.train.seed)
     source = ctx.inputs["from"]
-    model_source = upstream_full_model(ctx, source)
+    model_source = launcher.upstream_full_model(ctx, source)
     args = launcher.common_worker_args(
         ctx, config, model_source,
         train_file=str(data.train_file),
@@ -28,13 +28,6 @@ def run(ctx: StageContext) -> StageResult:
     )
     log = launcher.launch(ctx, config, train_sft_worker, args)
     return summarize_training(ctx, config, log, data.summary)
-
-
-def upstream_full_model(ctx: StageContext, artifact):
-    """Full weights of an upstream output (an adapter is merged once and cached)."""
-    from stages.models import full_model_dir
-
-    return full_model_dir(artifact.path, artifact.model_dir, ctx.spec.run_root() / ".merged")
 
 
 def train_sft_worker(args: dict) -> None:

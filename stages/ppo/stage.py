@@ -32,7 +32,6 @@ SUMMARY = ("reward_mean", "kl", "entropy", "response_length", "value_loss", "exp
 def run(ctx: StageContext) -> StageResult:
     from pipeline.cluster import ensure_ray
     from stages.ppo.worker import WORKER_INFO, train_ppo_worker
-    from stages.sft import upstream_full_model
 
     config: PPOConfig = ctx.config
     check_vllm_lora(config)
@@ -42,7 +41,7 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError(f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) must be >= "
                          f"scaling.num_workers ({config.scaling.num_workers})")
     iterations = config.train.max_steps or math.ceil(config.train.epochs * n_prompts / config.rollout.prompts_per_step)
-    model_source = upstream_full_model(ctx, ctx.inputs["from"])
+    model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
     reward_dir = str(ctx.inputs["reward"].model_dir) if "reward" in ctx.inputs else None
     critic = config.critic_config
     ensure_ray(ctx.spec)
