@@ -108,6 +108,7 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
     ctx.log(f"Ray Train: {scaling.num_workers} worker(s), {resources} each, ZeRO {config.deepspeed.zero_stage}, "
             f"peft {config.peft.method}")
     trainer.fit()
+    ctx.log("Ray Train job finished")
     log = json.loads((ctx.work_dir / TRAIN_LOG).read_text())
     # Resume points are only needed until the stage completes.
     for transient in ("checkpoints", "ray"):

@@ -46,6 +46,7 @@ class StageContext:
     inputs: dict[str, Artifact]  # role ("from", "reward", ...) -> upstream artifact
     work_dir: Path  # the partial artifact folder; survives a crash so the stage can resume
     fingerprint: str
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def model_dir(self) -> Path:
@@ -55,7 +56,9 @@ class StageContext:
         return self.spec.resolve_path(path)
 
     def log(self, message: str) -> None:
-        print(f"[rayalign] {self.name}: {message}", file=sys.stderr, flush=True)
+        """One progress line, with the seconds since the stage started (where its time goes)."""
+        print(f"[rayalign] {self.name} +{time.monotonic() - self.started:.0f}s: {message}", file=sys.stderr,
+              flush=True)
 
 
 @dataclass

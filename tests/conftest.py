@@ -49,6 +49,15 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def addition_sft(tiny_base, tmp_path_factory) -> Path:
+    """A full-SFT policy on the addition task's flawed demonstrations (in-process, once per session):
+    the start of the PPO, reward and DPO tests."""
+    from tests.addition_models import SFT_BATCH, SFT_STEPS, train_sft_in_process
+
+    return train_sft_in_process(tiny_base, tmp_path_factory.mktemp("addition-sft") / "model", SFT_STEPS, SFT_BATCH)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that touch vLLM carry the ``vllm`` mark, so `make test` runs them in the vLLM venv."""
     for item in items:

@@ -57,6 +57,8 @@ def run(ctx: StageContext) -> StageResult:
                                               env_vars=launcher.worker_env(ctx))
         evaluation = HeldOut.for_config(ctx, config, model_source)
         before = evaluation.run(engines.group) if evaluation else {}
+        if before:
+            ctx.log(f"held-out accuracy of the starting policy: {before['accuracy']:.1%} ({before['prompts']} prompts)")
         args = launcher.common_worker_args(
             ctx, config, model_source,
             prompts_file=str(data.train_file),
@@ -78,6 +80,8 @@ def run(ctx: StageContext) -> StageResult:
                 f"reward {' + '.join(filter(None, [config.reward_fn, config.reward and f'model:{config.reward}']))}")
         log = launcher.launch(ctx, config, train_ppo_worker, args)
         after = evaluation.run(engines.group) if evaluation else {}
+        if after:
+            ctx.log(f"held-out accuracy of the trained policy: {after['accuracy']:.1%}")
     finally:
         engines.shutdown()
         if reward_actor is not None:

@@ -18,15 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.addition_models import train_reward_model_in_process
 from tests.helpers import with_overrides
 
 from pipeline.spec import SpecError, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
-
-# The in-process SFT start: 1000 steps x 64 of the task's flawed demonstrations (2 epochs; the STACK.md
-# calibration of this recipe: ~60% held-out, carry cases < 10%; 700 x 64 sits on the edge: 5-23%).
-SFT_STEPS, SFT_BATCH = 1000, 64
 
 
 def ppo_stage(**overrides) -> dict:
@@ -229,95 +226,21 @@ def test_sync_makes_engine_log_probs_match_the_trainer(ray_cluster, tiny_base, t
 # --------------------------------------------------------------------------- end to end
 
 
-def train_sft_in_process(base: Path, out: Path, steps: int, batch: int, lr: float = 2e-3) -> Path:
-    """Full-parameter SFT on the task's demonstrations with a plain torch loop (completion-only loss)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stages.tasks import get_task
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).train()
-    rows = []
-    for example in get_task("addition").load("sft", "train", steps * batch).records:  # at most 32k
-        messages = [m.to_dict() for m in example.messages]
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        rows.append((tokenizer(full, add_special_tokens=False).input_ids,
-                     len(tokenizer(prompt, add_special_tokens=False).input_ids)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    for step in range(steps):
-        chunk = [rows[k % len(rows)] for k in range(step * batch, (step + 1) * batch)]  # epochs over the data
-        width = max(len(f) for f, _ in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-        labels = torch.full((len(chunk), width), -100)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (full, n_prompt) in enumerate(chunk):
-            ids[i, :len(full)] = torch.tensor(full)
-            attention[i, :len(full)] = 1
-            labels[i, n_prompt:len(full)] = torch.tensor(full[n_prompt:])
-        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+@pytest.fixture(scope="module")
+def reward_model(addition_sft, tmp_path_factory) -> Path:
+    return train_reward_model_in_process(addition_sft, tmp_path_factory.mktemp("ppo-rm") / "model")
 
 
-def train_reward_model_in_process(sft: Path, out: Path, steps: int = 60, batch: int = 32) -> Path:
-    """A Bradley-Terry reward model on the task's preference pairs, from the SFT weights."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from stages.tasks import get_task
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(sft)
-    model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1, dtype=torch.float32).train()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    pairs = get_task("addition").load("preference", "train", steps * batch).records
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def encode(conversations):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-    for step in range(steps):
-        chunk = pairs[step * batch:(step + 1) * batch]
-        chosen = encode([[m.to_dict() for m in p.prompt + p.chosen] for p in chunk])
-        rejected = encode([[m.to_dict() for m in p.prompt + p.rejected] for p in chunk])
-        margin = model(**chosen).logits.squeeze(-1) - model(**rejected).logits.squeeze(-1)
-        (-F.logsigmoid(margin).mean()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+PPO_ITERS, GRPO_ITERS, RM_ITERS = 15, 15, 12
+KILL_ITERS = 15  # the kill lands at the first checkpoint (iteration 3), so the rerun has iterations left
 
 
 @pytest.fixture(scope="module")
-def sft_policy(tiny_base, tmp_path_factory) -> Path:
-    return train_sft_in_process(tiny_base, tmp_path_factory.mktemp("ppo-sft") / "model", SFT_STEPS, SFT_BATCH)
-
-
-@pytest.fixture(scope="module")
-def reward_model(sft_policy, tmp_path_factory) -> Path:
-    return train_reward_model_in_process(sft_policy, tmp_path_factory.mktemp("ppo-rm") / "model")
-
-
-PPO_ITERS, GRPO_ITERS, RM_ITERS = 40, 40, 12
-
-
-@pytest.fixture(scope="module")
-def rl_runs(ray_cluster, tiny_base, sft_policy, reward_model, tmp_path_factory):
+def rl_runs(ray_cluster, tiny_base, addition_sft, reward_model, tmp_path_factory):
     from pipeline.runner import run_pipeline
 
-    # 40 iterations x 32 prompts x 4 samples from the 23%-accurate SFT start (measured with these settings
-    # outside Ray: held-out accuracy 25.6% -> 35.4% for PPO, -> 37.6% for GRPO; carry cases 1% -> 24-39%).
+    # 15 iterations x 32 prompts x 4 samples from the session's SFT policy (57% held-out, carry cases 4%);
+    # configs/tiny.yaml's PPO and GRPO go from ~56% to ~90% held-out in 20 iterations from a start like it.
     rollout = {"prompts_per_step": 32, "n": 4}
     stages = {
         # PPO: exact-match verifier, full fine-tuning, value head on the policy (shared critic), DeepSpeed ZeRO-2.
@@ -335,7 +258,7 @@ def rl_runs(ray_cluster, tiny_base, sft_policy, reward_model, tmp_path_factory):
                             rollout={"n": 2}, train={"max_steps": RM_ITERS, "lr": 5e-5, "logging_steps": 4}),
     }
     spec = parse_spec(spec_raw(tmp_path_factory.mktemp("ppo-runs"), stages))
-    return run_pipeline(spec, inputs={"base": str(tiny_base), "sft": str(sft_policy), "rm": str(reward_model)})
+    return run_pipeline(spec, inputs={"base": str(tiny_base), "sft": str(addition_sft), "rm": str(reward_model)})
 
 
 def curve(artifact, name: str) -> list[float]:
@@ -408,15 +331,15 @@ def test_ppo_with_reward_model_raises_reward_with_bounded_kl(rl_runs):
 
 
 @pytest.mark.slow
-def test_killed_ppo_resumes_and_the_step_counter_continues(ray_cluster, tiny_base, sft_policy, tmp_path):
+def test_killed_ppo_resumes_and_the_step_counter_continues(ray_cluster, tiny_base, addition_sft, tmp_path):
     from pipeline.runner import run_pipeline
     from pipeline.store import ArtifactStore
 
     stage = ppo_stage(peft={"method": "lora", "r": 8, "dropout": 0.0}, algorithm={"advantage": "rloo"},
                       rollout={"n": 2, "prompts_per_step": 8},
-                      train={"max_steps": 40, "save_steps": 3, "lr": 1e-3, "batch_size": 16})
+                      train={"max_steps": KILL_ITERS, "save_steps": 3, "lr": 1e-3, "batch_size": 16})
     raw = spec_raw(tmp_path, {"ppo": stage}, ray={"address": ray_cluster.get_runtime_context().gcs_address})
-    inputs = {"base": str(tiny_base), "sft": str(sft_policy)}
+    inputs = {"base": str(tiny_base), "sft": str(addition_sft)}
     script = ("import json, sys; from pipeline.spec import parse_spec; from pipeline.runner import run_pipeline; "
               "run_pipeline(parse_spec(json.loads(sys.argv[1])), inputs=json.loads(sys.argv[2]))")
     run = subprocess.Popen([sys.executable, "-c", script, json.dumps(raw), json.dumps(inputs)], cwd=REPO,
@@ -435,5 +358,5 @@ def test_killed_ppo_resumes_and_the_step_counter_continues(ray_cluster, tiny_bas
     resumed = artifact.manifest["resumed_step"]
     assert artifact.manifest["resumed_from"] and resumed >= 3 and resumed % 3 == 0
     steps = [p["step"] for p in artifact.manifest["curves"]["reward_mean"]]
-    assert steps == list(range(1, 41))  # history up to the checkpoint carried over, then continued
-    assert artifact.manifest["metrics"]["global_step"] == 40
+    assert steps == list(range(1, KILL_ITERS + 1))  # history up to the checkpoint carried over, then continued
+    assert artifact.manifest["metrics"]["global_step"] == KILL_ITERS

@@ -15,87 +15,66 @@ import pytest
 
 from pipeline.spec import parse_spec
 
-SFT_STEPS, DPO_STEPS = 100, 60
+DPO_STEPS, REWARD_STEPS = 150, 400
+# Measured with this fixture: held-out pairwise accuracy 0.622 on the 500 test pairs (95% CI +-0.043), but
+# the recipe is not robust: from the demo's SFT model the same settings gave 0.504. Judging a pair means
+# computing the sum at the last token; in-process runs that learn put all their errors on the no-carry pairs
+# (carry 0.85-1.0, no-carry ~0.5). So this asserts "not worse than chance", not a measured threshold (README).
+REWARD_THRESHOLD = 0.5
 
 
-def verifier_accuracy(model_dir, limit: int | None = None, batch_size: int = 100) -> dict:
+def verifier_accuracy(model_dir, limit: int | None = None) -> dict:
     """Greedy held-out accuracy of a causal LM on ``builtin:addition/test`` (the task's exact-match verifier)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from stages.task_accuracy import heldout_accuracy
 
-    from stages.tasks import get_task
-
-    task = get_task("addition")
-    prompts = task.load("prompt", "test", limit).records
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    correct = {"carry": 0, "no_carry": 0}
-    total = {"carry": 0, "no_carry": 0}
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        texts = [tokenizer.apply_chat_template([m.to_dict() for m in p.prompt], tokenize=False,
-                                               add_generation_prompt=True) for p in batch]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        responses = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-        for prompt, response in zip(batch, responses):
-            category = task.category(prompt)
-            total[category] += 1
-            correct[category] += task.verify(prompt, response)
-    n = sum(total.values())
-    return {"accuracy": sum(correct.values()) / n, **{f"{c}_accuracy": correct[c] / max(1, total[c]) for c in total}}
+    return heldout_accuracy(Path(model_dir), "addition", limit=limit)
 
 
-def run(raw: dict, tiny_base: Path):
+def run(raw: dict, tiny_base: Path, **inputs):
     from pipeline.runner import run_pipeline
 
-    return run_pipeline(parse_spec(raw), inputs={"base": str(tiny_base)})
+    return run_pipeline(parse_spec(raw), inputs={"base": str(tiny_base), **{k: str(v) for k, v in inputs.items()}})
 
 
 # --------------------------------------------------------------------------- the addition task
 
 
 @pytest.fixture(scope="module")
-def addition_run(ray_cluster, tiny_base, tmp_path_factory):
+def addition_run(ray_cluster, tiny_base, addition_sft, tmp_path_factory):
+    """reward and dpo from the session's SFT policy (``--input sft=...``), as in configs/tiny.yaml."""
     storage = tmp_path_factory.mktemp("reward-dpo")
     raw = {
         "name": "addition", "storage": str(storage), "tracking": {"backend": "none"},
         "stages": {
-            "sft": {"data": {"path": "builtin:addition", "limit": SFT_STEPS * 32}, "peft": {"method": "full"},
-                    "train": {"max_steps": SFT_STEPS, "lr": 2e-3, "batch_size": 32, "max_length": 32,
-                              "warmup_ratio": 0.05, "logging_steps": 50}},
-            # Full fine-tuning: the reference is an explicit frozen copy of the SFT policy.
+            "sft": {"data": "builtin:addition"},  # taken from --input
+            # STACK.md's calibration: DPO + NLL on the chosen answer (rpo_alpha), full fine-tuning, so the
+            # reference is an explicit frozen copy of the SFT policy.
             "dpo": {"from": "sft", "data": {"path": "builtin:addition", "limit": DPO_STEPS * 32},
-                    # Plain sigmoid DPO: on this under-trained SFT start the NLL term of rpo_alpha dominates
-                    # and the margin hardly moves in 60 steps (measured 0.003 -> 0.001), so the margin test uses DPO alone.
-                    "peft": {"method": "full"}, "loss": "sigmoid", "beta": 0.1,
-                    "train": {"max_steps": DPO_STEPS, "lr": 5e-4, "batch_size": 32, "max_length": 32,
-                              "logging_steps": 5}},
+                    "peft": {"method": "full"}, "loss": "sigmoid", "rpo_alpha": 1.0, "beta": 0.1,
+                    "train": {"max_steps": DPO_STEPS, "lr": 5e-5, "batch_size": 32, "max_length": 32,
+                              "logging_steps": 10}},
             # Held-out: the task's test split by default.
-            "reward": {"from": "sft", "data": {"path": "builtin:addition", "limit": 3200},
+            "reward": {"from": "sft", "data": "builtin:addition",  # its 5000 training pairs
                        "peft": {"method": "full"},
-                       "train": {"max_steps": 100, "lr": 2e-3, "batch_size": 16, "max_length": 32,
-                                 "logging_steps": 10},
+                       "train": {"max_steps": REWARD_STEPS, "lr": 1e-3, "warmup_ratio": 0.05, "batch_size": 16,
+                                 "max_length": 32, "logging_steps": 20},
                        "scaling": {"num_workers": 2}, "deepspeed": {"zero_stage": 2}},
         },
     }
-    return run(raw, tiny_base)
+    return run(raw, tiny_base, sft=addition_sft)
 
 
 @pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs(addition_run):
     reward = addition_run["reward"]
     m = reward.metrics
+    print("reward metrics", m)
     assert m["heldout_pairs"] == 500  # builtin:addition/test, all within max_length
-    # Measured: 0.50-0.56 after 100-500 steps (judging a sum needs the sum; the 0.5M model barely learns it
-    # in a CI budget), so only a sanity bound here; the margin and the loss must still move the right way.
-    assert m["heldout_accuracy"] >= 0.4, m
-    assert m["heldout_reward_chosen_std"] > 0 and m["heldout_reward_rejected_std"] > 0
-    assert m["global_step"] == 100
+    assert m["heldout_accuracy"] >= REWARD_THRESHOLD, m
+    assert m["heldout_margin"] > 0 and m["heldout_reward_chosen_mean"] > m["heldout_reward_rejected_mean"], m
+    assert m["global_step"] == REWARD_STEPS
     losses = [p["value"] for p in reward.manifest["curves"]["loss"]]
-    assert len(losses) == 10 and losses[-1] < losses[0]
+    assert len(losses) == REWARD_STEPS // 20 and losses[-1] < losses[0]
     assert reward.manifest["data"]["data"]["eval"]["format"] == "builtin:addition"
 
 
@@ -132,29 +111,14 @@ def test_dpo_raises_margin_with_a_frozen_reference(addition_run):
         assert key in m
     assert dpo.manifest["reference"] == "frozen copy" and dpo.manifest["ref_model_is_none"] is False
     assert m["ref_parameters"] == m["policy_parameters"]
-    assert len(dpo.manifest["curves"]["loss"]) == DPO_STEPS // 5
+    assert len(dpo.manifest["curves"]["loss"]) == DPO_STEPS // 10
 
 
 @pytest.mark.slow
-def test_dpo_with_nll_beats_sft_on_held_out_prompts(ray_cluster, tmp_path):
-    """STACK.md's calibration: SFT on the flawed demonstrator, then DPO + NLL (rpo_alpha 1), full fine-tuning."""
-    from stages.tiny_base import build_tiny_base
-
-    base = tmp_path / "base"
-    build_tiny_base(base, pretrain_steps=0, seed=0, torch_threads=1)
-    raw = {
-        "name": "calibration", "storage": str(tmp_path / "runs"), "tracking": {"backend": "none"},
-        "stages": {
-            "sft": {"data": "builtin:addition", "peft": {"method": "full"},
-                    "train": {"max_steps": 800, "lr": 2e-3, "batch_size": 64, "max_length": 32, "logging_steps": 100}},
-            "dpo": {"from": "sft", "data": {"path": "builtin:addition", "limit": 4800}, "peft": {"method": "full"},
-                    "loss": "sigmoid", "rpo_alpha": 1.0, "beta": 0.1,
-                    "train": {"max_steps": 150, "lr": 5e-5, "batch_size": 32, "max_length": 32, "logging_steps": 10}},
-        },
-    }
-    artifacts = run(raw, base)
-    accuracy = {name: verifier_accuracy(artifacts[name].model_dir) for name in ("sft", "dpo")}
+def test_dpo_with_nll_beats_sft_on_held_out_prompts(addition_run, addition_sft):
+    accuracy = {"sft": verifier_accuracy(addition_sft), "dpo": verifier_accuracy(addition_run["dpo"].model_dir)}
     print("verifier accuracy", accuracy)
+    # Measured with this fixture: SFT 57.0% (carry 4%), DPO + NLL 96.2% (carry 100%).
     assert accuracy["dpo"]["accuracy"] >= accuracy["sft"]["accuracy"] + 0.1, accuracy
 
 
