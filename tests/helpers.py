@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from pipeline.spec import PipelineSpec, parse_spec
@@ -31,3 +35,17 @@ def with_overrides(stage: dict, overrides: dict) -> dict:
         else:
             stage[key] = value
     return stage
+
+
+def kill_at_first_checkpoint(run: subprocess.Popen, stage_dir: Path, marker: str, timeout: float,
+                             settle: float = 0.0) -> None:
+    """SIGKILL ``run``'s process group once ``stage_dir`` holds a file matching ``marker`` (a glob), after
+    ``settle`` more seconds; fails if the run ends first or nothing appears within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not list(stage_dir.glob(marker)):
+        assert run.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    time.sleep(settle)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()

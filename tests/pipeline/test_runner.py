@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from pipeline.runner import RunError, plan, run_pipeline
 from pipeline.store import ArtifactStore
-from tests.helpers import make_spec, quick_sft
+from tests.helpers import kill_at_first_checkpoint, make_spec, quick_sft
 
 pytestmark = pytest.mark.slow
 
@@ -66,14 +63,8 @@ def test_killed_stage_leaves_nothing_complete_and_resumes(ray_cluster, tiny_base
     run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stage_dir = tmp_path / "t" / "sft"
-    deadline = time.monotonic() + 240
-    while not list(stage_dir.glob(".partial-*/checkpoints/checkpoint-*/trainer_state.json")):
-        assert run.poll() is None, "the run ended before it was killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.5)
-    time.sleep(1)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    kill_at_first_checkpoint(run, stage_dir, ".partial-*/checkpoints/checkpoint-*/trainer_state.json", timeout=240,
+                             settle=1)
 
     store = ArtifactStore(tmp_path / "t")
     assert store.latest("sft") is None

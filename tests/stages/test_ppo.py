@@ -9,17 +9,14 @@ in-process (plain torch loops, no Ray) and passed as ``--input`` artifacts.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.addition_models import train_reward_model_in_process
-from tests.helpers import with_overrides
+from tests.helpers import kill_at_first_checkpoint, with_overrides
 
 from pipeline.spec import SpecError, parse_spec
 
@@ -344,14 +341,7 @@ def test_killed_ppo_resumes_and_the_step_counter_continues(ray_cluster, tiny_bas
               "run_pipeline(parse_spec(json.loads(sys.argv[1])), inputs=json.loads(sys.argv[2]))")
     run = subprocess.Popen([sys.executable, "-c", script, json.dumps(raw), json.dumps(inputs)], cwd=REPO,
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stage_dir = tmp_path / "ppo" / "ppo"
-    deadline = time.monotonic() + 300
-    while not list(stage_dir.glob(".partial-*/checkpoints/checkpoint-*/COMPLETE")):
-        assert run.poll() is None, "the run ended before it was killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.5)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    kill_at_first_checkpoint(run, tmp_path / "ppo" / "ppo", ".partial-*/checkpoints/checkpoint-*/COMPLETE", timeout=300)
     assert ArtifactStore(tmp_path / "ppo").latest("ppo") is None
 
     artifact = run_pipeline(parse_spec(raw), inputs=inputs)["ppo"]

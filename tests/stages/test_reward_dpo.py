@@ -23,13 +23,6 @@ DPO_STEPS, REWARD_STEPS = 150, 400
 REWARD_THRESHOLD = 0.5
 
 
-def verifier_accuracy(model_dir, limit: int | None = None) -> dict:
-    """Greedy held-out accuracy of a causal LM on ``builtin:addition/test`` (the task's exact-match verifier)."""
-    from stages.task_accuracy import heldout_accuracy
-
-    return heldout_accuracy(Path(model_dir), "addition", limit=limit)
-
-
 def run(raw: dict, tiny_base: Path, **inputs):
     from pipeline.runner import run_pipeline
 
@@ -116,7 +109,10 @@ def test_dpo_raises_margin_with_a_frozen_reference(addition_run):
 
 @pytest.mark.slow
 def test_dpo_with_nll_beats_sft_on_held_out_prompts(addition_run, addition_sft):
-    accuracy = {"sft": verifier_accuracy(addition_sft), "dpo": verifier_accuracy(addition_run["dpo"].model_dir)}
+    from stages.task_accuracy import heldout_accuracy
+
+    accuracy = {name: heldout_accuracy(Path(model), "addition")
+                for name, model in (("sft", addition_sft), ("dpo", addition_run["dpo"].model_dir))}
     print("verifier accuracy", accuracy)
     # Measured with this fixture: SFT 57.0% (carry 4%), DPO + NLL 96.2% (carry 100%).
     assert accuracy["dpo"]["accuracy"] >= accuracy["sft"]["accuracy"] + 0.1, accuracy
