@@ -3,7 +3,8 @@
     python -m pipeline.demo configs/tiny.yaml
 
 Runs every stage (cached stages are skipped), then prints the held-out verifier accuracy of
-every model in the DAG on the built-in task, and where the artifacts are.
+every model in the DAG on the built-in task (the eval stage's table where there is one), each reward
+model's held-out pairwise accuracy, and where the artifacts are.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             print_eval_table(artifact)
     else:
         print_task_accuracy(spec, artifacts)
+    print_reward_models(artifacts)
     from pipeline.report import build_report
 
     print(f"\nreport: {build_report(spec)}")
@@ -43,6 +45,16 @@ def print_eval_table(artifact) -> None:
 
     print()
     print(format_table(artifact))
+
+
+def print_reward_models(artifacts) -> None:
+    """Each reward model's held-out pairwise accuracy (from its manifest; chance is 50%)."""
+    from stages.reward import describe_heldout
+
+    for node, artifact in artifacts.items():
+        metrics = artifact.manifest.get("metrics", {})
+        if artifact.manifest.get("kind") == "reward" and "heldout_accuracy" in metrics:
+            print(f"\nreward model {node}: {describe_heldout(metrics)}")
 
 
 def print_task_accuracy(spec, artifacts) -> None:

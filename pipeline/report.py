@@ -7,7 +7,7 @@
 It only reads the store, so it works for a partial run: every node of the DAG is listed with its
 status (complete, running, failed, stale: only an artifact of an older config, pending), time and
 fingerprint. Then the eval stages' metrics per model (with 95% intervals), accuracy and win-rate
-bars, sample responses, every stage's training curves (manifest ``curves``), reward against KL for
+bars, sample responses, each reward model's held-out pairwise accuracy, every stage's training curves (manifest ``curves``), reward against KL for
 RL stages (curves ``reward_mean`` and ``kl``, else any ``*reward*`` and ``*kl*``), and sweep
 results (``<run>/sweeps/*/results.json`` and ``results.png``).
 
@@ -456,6 +456,38 @@ def eval_section(node: Node, figures: list[Figure]) -> dict:
             "node": node}
 
 
+def reward_section(nodes: list[Node]) -> dict | None:
+    """Held-out pairwise accuracy of each reward model (Wilson 95% interval), per task category where known."""
+    from stages.evaluate.metrics import wilson_interval
+
+    scored = [n for n in nodes if n.kind == "reward" and "heldout_accuracy" in (n.manifest.get("metrics") or {})]
+    if not scored:
+        return None
+    categories = sorted({key.split("/", 1)[1] for n in scored for key in n.manifest["metrics"]
+                         if key.startswith("heldout_accuracy/")})
+    header = ["reward model", "held-out pairs", "pairwise accuracy", *(f"accuracy: {c}" for c in categories),
+              "mean margin"]
+    rows = []
+    for node in scored:
+        m = node.manifest["metrics"]
+        pairs, accuracy = m.get("heldout_pairs") or 0, m["heldout_accuracy"]
+        low, high = wilson_interval(round(accuracy * pairs), pairs)
+        rows.append([node.name, str(pairs), f"{accuracy:.3f} [{low:.2f}, {high:.2f}]" if pairs else f"{accuracy:.3f}",
+                     *(_fmt3(m.get(f"heldout_accuracy/{c}")) for c in categories), _fmt3(m.get("heldout_margin"))])
+    note = "Share of held-out pairs the model scores chosen above rejected (chance 0.5; ties count as wrong)."
+    parts = ["<table class='reward-models'><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td data-reward-model='{_e(row[0])}'>{_e(cell)}</td>" for cell in row) + "</tr>"
+              for row in rows]
+    parts += ["</table>", f"<p class='muted'>{_e(note)} Intervals: Wilson 95%.</p>"]
+    markdown = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    markdown += ["| " + " | ".join(row) + " |" for row in rows] + ["", note]
+    return {"id": "reward-models", "title": "Reward models", "html": parts, "markdown": markdown, "figures": []}
+
+
+def _fmt3(value) -> str:
+    return f"{value:.3f}" if _finite(value) else "–"
+
+
 def sweep_html(sweep: dict) -> list[str]:
     results = sweep["results"]
     parts = [f"<h3>{_e(sweep['name'])}: {_e(results.get('metric', ''))} ({_e(results.get('mode', ''))})</h3>"]
@@ -488,7 +520,7 @@ def render_markdown(spec: PipelineSpec, nodes: list[Node], sections: list[dict],
         lines.append(f"| {node.name} | {node.kind} | {inputs} | {node.status} | `{node.fingerprint or '–'}` | "
                      f"{_duration(node.manifest.get('seconds'))} |")
     for section in sections:
-        lines += ["", f"## {section['title']}", ""]
+        lines += ["", f"## {section['title']}", ""] + section.get("markdown", [])
         node = section.get("node")
         if node is not None and section["id"].startswith("eval-"):
             metrics = node.manifest.get("metrics") or {}
@@ -526,6 +558,9 @@ def build_report(spec: PipelineSpec) -> Path:
     for node in nodes:
         if node.kind == "eval" and node.manifest.get("metrics"):
             sections.append(eval_section(node, eval_figures(node)))
+    rewards = reward_section(nodes)
+    if rewards:
+        sections.append(rewards)
     curve_figures, rl_figures = [], []
     for node in nodes:
         curves = node.manifest.get("curves") or {}

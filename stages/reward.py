@@ -14,7 +14,8 @@ Held-out data: ``data.eval_path``, else ``data.eval_fraction`` of the pairs; for
 source with neither, the task's test split ``builtin:<task>/test`` (disjoint problems).
 Pairs longer than ``train.max_length`` tokens are dropped (TRL's rule, applied to the held-out
 pairs too) and counted in the metrics. Held-out metrics: pairwise accuracy (``r_chosen >
-r_rejected``, ties count as wrong), mean margin, mean/std of the chosen and rejected rewards.
+r_rejected``, ties count as wrong), mean margin, mean/std of the chosen and rejected rewards, and for a
+built-in task's pairs the accuracy per task category (``heldout_accuracy/carry``, ...).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ WORKER_INFO = "worker_info.json"
 
 def run(ctx: StageContext) -> StageResult:
     config: RewardConfig = ctx.config
-    data = training_data.prepare(ctx, with_default_eval(config.data), "preference", seed=config.train.seed)
+    data_config = with_default_eval(config.data)
+    data = training_data.prepare(ctx, data_config, "preference", seed=config.train.seed)
     model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
     uses_peft = config.peft.method != "full"
     args = launcher.common_worker_args(
@@ -48,9 +50,12 @@ def run(ctx: StageContext) -> StageResult:
         has_eval=periodic_eval(config, data),
         use_margin=config.use_margin,
         center_rewards_coefficient=config.center_rewards_coefficient,
+        eval_task=held_out_task(data_config),
     )
     log = launcher.launch(ctx, config, train_reward_worker, args)
     info = json.loads((ctx.work_dir / WORKER_INFO).read_text())
+    if "heldout_accuracy" in info["metrics"]:
+        ctx.log(describe_heldout(info["metrics"]))
     result = summarize_training(ctx, config, log, data.summary, extra_metrics=info["metrics"])
     result.manifest.update(head="reward", adapter_dir="adapter" if uses_peft else None)
     return result
@@ -64,6 +69,22 @@ def with_default_eval(data: DataConfig) -> DataConfig:
 
     name, split = parse_builtin(data.path)
     return data if split == "test" else data.model_copy(update={"eval_path": f"builtin:{name}/test"})
+
+
+def held_out_task(data: DataConfig) -> str | None:
+    """The built-in task the held-out pairs come from (their categories go into the metrics), if any."""
+    from stages.data.loader import parse_builtin
+
+    source = data.eval_path or (data.path if data.eval_fraction > 0 else None)
+    return parse_builtin(source)[0] if source and source.startswith("builtin:") else None
+
+
+def describe_heldout(metrics: dict) -> str:
+    """One log line: held-out pairwise accuracy, per task category where known, and the margin."""
+    by_category = ", ".join(f"{key.split('/', 1)[1]} {value:.1%}" for key, value in sorted(metrics.items())
+                            if key.startswith("heldout_accuracy/"))
+    return (f"held-out pairwise accuracy {metrics['heldout_accuracy']:.1%} on {metrics['heldout_pairs']} pairs"
+            + (f" ({by_category})" if by_category else "") + f", mean margin {metrics['heldout_margin']:.3f}")
 
 
 def periodic_eval(config, data) -> bool:
@@ -113,7 +134,9 @@ def train_reward_worker(args: dict) -> None:
         metrics = {"train_pairs_used": len(trainer.train_dataset),
                    "train_pairs_too_long": len(train_pairs) - len(trainer.train_dataset)}
         if args["eval_file"]:
-            metrics.update(score_pairs(final_dir, args["eval_file"], args["train"]["max_length"]))
+            categories = pair_categories(args["eval_file"], args["eval_task"]) if args["eval_task"] else None
+            metrics.update(score_pairs(final_dir, args["eval_file"], args["train"]["max_length"],
+                                       categories=categories))
         (Path(args["work_dir"]) / WORKER_INFO).write_text(json.dumps({"metrics": metrics}))
 
 
@@ -160,22 +183,39 @@ def merge_reward_adapter(adapter_dir: str | Path, out_dir: str | Path, tokenizer
     return out_dir
 
 
-def score_pairs(model_dir: str | Path, pairs_file: str, max_length: int, batch_size: int = 32) -> dict:
-    """Held-out metrics of a saved reward model, loaded with plain ``transformers``."""
+def pair_categories(pairs_file: str, task_name: str) -> list[str]:
+    """The task category of each pair's prompt (e.g. ``carry``/``no_carry``), in file order."""
+    from stages.data.records import Message, PromptExample
+    from stages.tasks import get_task
+
+    task = get_task(task_name)
+    rows = [json.loads(line) for line in open(pairs_file)]
+    return [task.category(PromptExample(tuple(Message(m["role"], m["content"]) for m in row["prompt"])))
+            for row in rows]
+
+
+def score_pairs(model_dir: str | Path, pairs_file: str, max_length: int, batch_size: int = 32,
+                categories: list[str] | None = None) -> dict:
+    """Held-out metrics of a saved reward model, loaded with plain ``transformers``.
+
+    ``categories`` (one per pair in the file) adds ``heldout_accuracy/<category>``.
+    """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
     rows = [json.loads(line) for line in open(pairs_file)]
-    encoded, too_long = [], 0
-    for row in rows:
+    categories = categories or [None] * len(rows)
+    encoded, kept_categories, too_long = [], [], 0
+    for row, category in zip(rows, categories, strict=True):
         ids = [tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)["input_ids"]
                for side in ("chosen", "rejected")]
         if max(len(i) for i in ids) > max_length:
             too_long += 1
             continue
         encoded.append(ids)
+        kept_categories.append(category)
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
@@ -189,7 +229,12 @@ def score_pairs(model_dir: str | Path, pairs_file: str, max_length: int, batch_s
     if n == 0:
         return {"heldout_pairs": 0, "heldout_pairs_too_long": too_long}
     margins = [c - r for c, r in zip(chosen, rejected)]
+    by_category = {}
+    for category in sorted({c for c in kept_categories if c is not None}):
+        wins = [m > 0 for m, c in zip(margins, kept_categories) if c == category]
+        by_category[f"heldout_accuracy/{category}"] = sum(wins) / len(wins)
     return {
+        **by_category,
         "heldout_pairs": n,
         "heldout_pairs_too_long": too_long,
         "heldout_accuracy": sum(m > 0 for m in margins) / n,

@@ -79,7 +79,8 @@ def commit_hand_made_reward(spec, base) -> None:
     tokenizer.save_pretrained(folder)
     store.commit("reward", fp, {
         "stage": "reward", "kind": "reward", "fingerprint": fp, "inputs": {"sft": the_plan.fingerprints["sft"]},
-        "started": now(), "seconds": 1.5, "model_type": "full", "metrics": {"heldout_accuracy": 0.5},
+        "started": now(), "seconds": 1.5, "model_type": "full", "metrics": {"heldout_accuracy": 0.625, "heldout_pairs": 8, "heldout_margin": 0.25,
+                                                                     "heldout_accuracy/carry": 0.75},
         "curves": {"loss": [{"step": s, "value": 0.7 - 0.05 * s} for s in range(1, 6)]},
     })
 
@@ -162,6 +163,9 @@ def test_report_renders_in_chromium(finished_run, chromium, tmp_path):
         assert artifacts[node].fingerprint in row and ("complete" in row or "external" in row)
     # sample responses for the same prompts
     assert dom.count("<tr><td><pre>") >= 5
+    # the reward model's held-out pairwise accuracy with its interval, and per category
+    reward_cells = re.findall(r'<td data-reward-model="reward">([^<]*)</td>', dom)
+    assert reward_cells == ["reward", "8", "0.625 [0.31, 0.86]", "0.750", "0.250"], reward_cells
 
     shot = tmp_path / "report.png"
     done = render(chromium, index, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2400")
@@ -183,6 +187,29 @@ def test_report_of_a_run_that_has_not_started(tmp_path):
         assert ">pending<" in row
     assert "Evaluation" not in text and "| eval | eval | models[0]=base, models[1]=sft | pending |" in (
         index.parent / "report.md").read_text()
+
+
+def test_reward_models_table():
+    from pipeline.report import Node, reward_section
+    from stages.evaluate.metrics import wilson_interval
+
+    def node(name, metrics):
+        return Node(name, "reward", {"from": "sft"}, "f", "complete", manifest={"metrics": metrics})
+
+    section = reward_section([
+        node("rm_a", {"heldout_accuracy": 0.716, "heldout_pairs": 500, "heldout_margin": 0.408,
+                      "heldout_accuracy/carry": 1.0, "heldout_accuracy/no_carry": 0.484}),
+        node("rm_b", {"heldout_accuracy": 0.5, "heldout_pairs": 12, "heldout_margin": -0.01}),
+        node("rm_untrained", {}),
+    ])
+    low, high = wilson_interval(358, 500)
+    assert section["markdown"][:4] == [
+        "| reward model | held-out pairs | pairwise accuracy | accuracy: carry | accuracy: no_carry | mean margin |",
+        "|---|---|---|---|---|---|",
+        f"| rm_a | 500 | 0.716 [{low:.2f}, {high:.2f}] | 1.000 | 0.484 | 0.408 |",
+        "| rm_b | 12 | 0.500 [0.25, 0.75] | – | – | -0.010 |",
+    ]
+    assert reward_section([node("rm", {})]) is None
 
 
 def test_reward_against_kl_curves_are_found_and_drawn():

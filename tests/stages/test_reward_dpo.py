@@ -15,12 +15,14 @@ import pytest
 
 from pipeline.spec import parse_spec
 
-DPO_STEPS, REWARD_STEPS = 150, 400
-# Measured with this fixture: held-out pairwise accuracy 0.622 on the 500 test pairs (95% CI +-0.043), but
-# the recipe is not robust: from the demo's SFT model the same settings gave 0.504. Judging a pair means
-# computing the sum at the last token; in-process runs that learn put all their errors on the no-carry pairs
-# (carry 0.85-1.0, no-carry ~0.5). So this asserts "not worse than chance", not a measured threshold (README).
-REWARD_THRESHOLD = 0.5
+DPO_STEPS, REWARD_STEPS = 150, 800
+# The tiny.yaml recipe (800 steps at lr 5e-4, about five passes over the 5000 pairs). Measured held-out
+# pairwise accuracy on the 500 test pairs (95% CI +-0.043 at chance): 0.812 with this fixture, 0.664-0.744
+# in six pipeline runs from the demo's SFT models, 0.64-0.736 in-process (README). The old recipe (400
+# steps at 1e-3) sometimes stayed at chance. Most errors are on the no-carry pairs (0.49-0.66): the model
+# learns to spot a missing carry before, and far more reliably than, it learns to check a sum.
+REWARD_THRESHOLD = 0.6
+CARRY_THRESHOLD = 0.75  # measured on the 225 carry pairs: 0.80-1.0
 
 
 def run(raw: dict, tiny_base: Path, **inputs):
@@ -49,8 +51,8 @@ def addition_run(ray_cluster, tiny_base, addition_sft, tmp_path_factory):
             # Held-out: the task's test split by default.
             "reward": {"from": "sft", "data": "builtin:addition",  # its 5000 training pairs
                        "peft": {"method": "full"},
-                       "train": {"max_steps": REWARD_STEPS, "lr": 1e-3, "warmup_ratio": 0.05, "batch_size": 16,
-                                 "max_length": 32, "logging_steps": 20},
+                       "train": {"max_steps": REWARD_STEPS, "lr": 5e-4, "warmup_ratio": 0.05, "batch_size": 16,
+                                 "max_length": 32, "logging_steps": 40},
                        "scaling": {"num_workers": 2}, "deepspeed": {"zero_stage": 2}},
         },
     }
@@ -65,9 +67,11 @@ def test_reward_model_ranks_held_out_pairs(addition_run):
     assert m["heldout_pairs"] == 500  # builtin:addition/test, all within max_length
     assert m["heldout_accuracy"] >= REWARD_THRESHOLD, m
     assert m["heldout_margin"] > 0 and m["heldout_reward_chosen_mean"] > m["heldout_reward_rejected_mean"], m
+    # The missing carry, the demonstrator's flaw, it spots; most of its errors are on the no-carry pairs (README).
+    assert m["heldout_accuracy/carry"] >= CARRY_THRESHOLD, m
     assert m["global_step"] == REWARD_STEPS
     losses = [p["value"] for p in reward.manifest["curves"]["loss"]]
-    assert len(losses) == REWARD_STEPS // 20 and losses[-1] < losses[0]
+    assert len(losses) == REWARD_STEPS // 40 and losses[-1] < losses[0]
     assert reward.manifest["data"]["data"]["eval"]["format"] == "builtin:addition"
 
 
@@ -221,6 +225,37 @@ def test_sharegpt_pair_with_unknown_role(tmp_path, tiny_base):
                                  "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}}]))
     with pytest.raises(DataError, match="unknown role 'robot'"):
         dpo.run(stage_context(tmp_path, {"kind": "dpo", "data": str(path)}, tiny_base))
+
+
+def test_held_out_accuracy_per_task_category(tmp_path, tiny_base):
+    """Builtin held-out pairs are scored per category, and the categories add up to the overall accuracy."""
+    from pipeline.spec import DataConfig
+    from stages import reward
+    from stages.tasks import get_task
+    from stages.tasks.addition import parse_problem
+    from stages.training_data import write_jsonl
+
+    assert reward.held_out_task(reward.with_default_eval(DataConfig(path="builtin:addition"))) == "addition"
+    assert reward.held_out_task(DataConfig(path="builtin:addition", eval_fraction=0.1)) == "addition"
+    assert reward.held_out_task(DataConfig(path="pairs.jsonl", eval_path="builtin:addition/test")) == "addition"
+    assert reward.held_out_task(DataConfig(path="pairs.jsonl", eval_fraction=0.1)) is None
+
+    pairs = get_task("addition").load("preference", "test", 40).records
+    path = write_jsonl(tmp_path / "eval.jsonl", pairs)
+    categories = reward.pair_categories(str(path), "addition")
+    assert categories == ["carry" if parse_problem(pair.prompt).carry else "no_carry" for pair in pairs]
+    # The tiny base with a fresh score head is a (random) reward model; only the bookkeeping is under test.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(model_dir)
+    m = reward.score_pairs(model_dir, str(path), max_length=32, categories=categories)
+    n_carry = categories.count("carry")
+    assert m["heldout_pairs"] == 40 and 0 < n_carry < 40
+    overall = (m["heldout_accuracy/carry"] * n_carry + m["heldout_accuracy/no_carry"] * (40 - n_carry)) / 40
+    assert m["heldout_accuracy"] == pytest.approx(overall)
+    assert reward.describe_heldout(m).startswith(f"held-out pairwise accuracy {m['heldout_accuracy']:.1%} on 40 pairs (carry ")
 
 
 def test_unknown_loss_name_lists_valid_ones(tmp_path):
