@@ -17,7 +17,7 @@ from pipeline.spec import parse_spec
 
 DPO_STEPS, REWARD_STEPS = 150, 800
 # The tiny.yaml recipe (800 steps at lr 5e-4, about five passes over the 5000 pairs). Measured held-out
-# pairwise accuracy on the 500 test pairs (95% CI +-0.043 at chance): 0.812 with this fixture, 0.664-0.744
+# pairwise accuracy on the 500 test pairs (95% CI +-0.043 at chance): 0.812, 0.754 with this fixture; 0.664-0.744
 # in six pipeline runs from the demo's SFT models, 0.64-0.736 in-process (README). The old recipe (400
 # steps at 1e-3) sometimes stayed at chance. Most errors are on the no-carry pairs (0.49-0.66): the model
 # learns to spot a missing carry before, and far more reliably than, it learns to check a sum.
