@@ -7,9 +7,10 @@
 It only reads the store, so it works for a partial run: every node of the DAG is listed with its
 status (complete, running, failed, stale: only an artifact of an older config, pending), time and
 fingerprint. Then the eval stages' metrics per model (with 95% intervals), accuracy and win-rate
-bars, sample responses, each reward model's held-out pairwise accuracy, every stage's training curves (manifest ``curves``), reward against KL for
-RL stages (curves ``reward_mean`` and ``kl``, else any ``*reward*`` and ``*kl*``), and sweep
-results (``<run>/sweeps/*/results.json`` and ``results.png``).
+bars, sample responses, each reward model's held-out pairwise accuracy, every stage's training
+curves (manifest ``curves``), reward against KL for RL stages (curves ``reward_mean`` and ``kl``,
+else any ``*reward*`` and ``*kl*``), and sweep results (``<run>/sweeps/*/results.json`` and
+``results.png``).
 
 ``index.html`` has its CSS inline and its plots as base64 PNGs (matplotlib, Agg), so it opens
 from disk with no server; ``report.md`` links the same PNGs, written to ``report/img/``. A small

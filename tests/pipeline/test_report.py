@@ -79,8 +79,9 @@ def commit_hand_made_reward(spec, base) -> None:
     tokenizer.save_pretrained(folder)
     store.commit("reward", fp, {
         "stage": "reward", "kind": "reward", "fingerprint": fp, "inputs": {"sft": the_plan.fingerprints["sft"]},
-        "started": now(), "seconds": 1.5, "model_type": "full", "metrics": {"heldout_accuracy": 0.625, "heldout_pairs": 8, "heldout_margin": 0.25,
-                                                                     "heldout_accuracy/carry": 0.75},
+        "started": now(), "seconds": 1.5, "model_type": "full",
+        "metrics": {"heldout_accuracy": 0.625, "heldout_pairs": 8, "heldout_margin": 0.25,
+                    "heldout_accuracy/carry": 0.75},
         "curves": {"loss": [{"step": s, "value": 0.7 - 0.05 * s} for s in range(1, 6)]},
     })
 

@@ -17,10 +17,10 @@ from pipeline.spec import parse_spec
 
 DPO_STEPS, REWARD_STEPS = 150, 800
 # The tiny.yaml recipe (800 steps at lr 5e-4, about five passes over the 5000 pairs). Measured held-out
-# pairwise accuracy on the 500 test pairs (95% CI +-0.043 at chance): 0.812, 0.754 with this fixture; 0.664-0.744
-# in six pipeline runs from the demo's SFT models, 0.64-0.736 in-process (README). The old recipe (400
-# steps at 1e-3) sometimes stayed at chance. Most errors are on the no-carry pairs (0.49-0.66): the model
-# learns to spot a missing carry before, and far more reliably than, it learns to check a sum.
+# pairwise accuracy on the 500 test pairs (95% CI +-0.043 at chance): 0.812 and 0.754 with this fixture,
+# 0.664-0.744 in six pipeline runs from the demo's SFT models, 0.64-0.736 in-process (README). The old
+# recipe (400 steps at 1e-3) sometimes stayed at chance. Most errors are on the no-carry pairs (0.49-0.66):
+# the model learns to spot a missing carry before, and far more reliably than, it learns to check a sum.
 REWARD_THRESHOLD = 0.6
 CARRY_THRESHOLD = 0.75  # measured on the 225 carry pairs: 0.80-1.0
 
@@ -255,7 +255,8 @@ def test_held_out_accuracy_per_task_category(tmp_path, tiny_base):
     assert m["heldout_pairs"] == 40 and 0 < n_carry < 40
     overall = (m["heldout_accuracy/carry"] * n_carry + m["heldout_accuracy/no_carry"] * (40 - n_carry)) / 40
     assert m["heldout_accuracy"] == pytest.approx(overall)
-    assert reward.describe_heldout(m).startswith(f"held-out pairwise accuracy {m['heldout_accuracy']:.1%} on 40 pairs (carry ")
+    line = reward.describe_heldout(m)
+    assert line.startswith(f"held-out pairwise accuracy {m['heldout_accuracy']:.1%} on 40 pairs (carry "), line
 
 
 def test_unknown_loss_name_lists_valid_ones(tmp_path):
