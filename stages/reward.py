@@ -185,13 +185,11 @@ def merge_reward_adapter(adapter_dir: str | Path, out_dir: str | Path, tokenizer
 
 def pair_categories(pairs_file: str, task_name: str) -> list[str]:
     """The task category of each pair's prompt (e.g. ``carry``/``no_carry``), in file order."""
-    from stages.data.records import Message, PromptExample
+    from stages.data.records import PromptExample
     from stages.tasks import get_task
 
     task = get_task(task_name)
-    rows = [json.loads(line) for line in open(pairs_file)]
-    return [task.category(PromptExample(tuple(Message(m["role"], m["content"]) for m in row["prompt"])))
-            for row in rows]
+    return [task.category(PromptExample.from_trl(json.loads(line))) for line in open(pairs_file)]
 
 
 def score_pairs(model_dir: str | Path, pairs_file: str, max_length: int, batch_size: int = 32,

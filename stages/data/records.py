@@ -67,6 +67,11 @@ class PromptExample:
             row["answer"] = self.answer
         return row
 
+    @classmethod
+    def from_trl(cls, row: dict) -> PromptExample:
+        """The inverse of :meth:`to_trl`; reads any prepared row with a ``prompt`` (preference rows too)."""
+        return cls(tuple(Message(m["role"], m["content"]) for m in row["prompt"]), row.get("answer"))
+
 
 @dataclass(frozen=True)
 class KTOExample:

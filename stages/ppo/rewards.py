@@ -18,12 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Sequence
 
-from stages.data.records import Message, PromptExample
-
-
-def prompt_example(row: dict) -> PromptExample:
-    """A prepared prompts-file row (``{"prompt": [messages], "answer": ...}``) as a ``PromptExample``."""
-    return PromptExample(tuple(Message(m["role"], m["content"]) for m in row["prompt"]), row.get("answer"))
+from stages.data.records import PromptExample
 
 
 def programmatic_reward(spec: str) -> Callable[[list[PromptExample], list[str]], list[float]]:

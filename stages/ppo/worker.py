@@ -314,9 +314,10 @@ def train_ppo_worker(args: dict) -> None:
     import ray.train
 
     from pipeline.spec import PeftConfig
+    from stages.data.records import PromptExample
     from stages.models import load_tokenizer
     from stages.ppo.policy import load_policy, load_reference, load_separate_critic, parameter_counts
-    from stages.ppo.rewards import RewardSources, prompt_example
+    from stages.ppo.rewards import RewardSources
     from stages.rollout import SamplingParams
     from stages.rollout.actors import RolloutGroup
     from stages.worker import model_summary, setup_worker
@@ -403,7 +404,7 @@ def train_ppo_worker(args: dict) -> None:
                 all_engines.sleep()
 
         # 2. rewards
-        examples = [prompt_example(rows[i]) for i in indices for _ in range(rollout["n"])]
+        examples = [PromptExample.from_trl(rows[i]) for i in indices for _ in range(rollout["n"])]
         totals, parts = rewards(examples, [r.response_text for r in results])
         scores = torch.tensor(totals, dtype=torch.float32)
         finished = torch.tensor([r.finished for r in results])
