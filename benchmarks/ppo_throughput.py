@@ -69,7 +69,13 @@ def engine_throughput(model: str, engine: str, prompts: int, n: int, max_new_tok
     eng.close()
     best = max(runs, key=lambda r: r["tokens_per_s"])
     return {"engine": engine, "load_seconds": round(load_seconds, 2), "tokens_per_s": best["tokens_per_s"],
-            "runs": runs, "python": sys.executable}
+            "runs": runs, "python": repo_relative(sys.executable)}
+
+
+def repo_relative(path: str) -> str:
+    """A path as results should record it: relative to the repository when inside it (no machine paths)."""
+    resolved = Path(path).absolute()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 def engines_part(model: str, args) -> dict:
@@ -77,12 +83,12 @@ def engines_part(model: str, args) -> dict:
 
     workload = {"prompts": args.prompts * 2, "n": args.n, "max_new_tokens": args.max_new_tokens,
                 "temperature": 1.0}
-    out: dict = {"workload": workload, "model": model}
+    out: dict = {"workload": workload, "model": repo_relative(model)}
     ok, why = vllm_status()
     out["hf"] = engine_throughput(model, "hf", workload["prompts"], args.n, args.max_new_tokens)
     if ok:
         out["vllm"] = engine_throughput(model, "vllm", workload["prompts"], args.n, args.max_new_tokens)
-        out["vllm_venv"] = sys.executable
+        out["vllm_venv"] = repo_relative(sys.executable)
         return out
     other = REPO / ".venv-vllm" / "bin" / "python"
     if args.engines_only or not other.exists():

@@ -6,6 +6,10 @@ import os
 
 from pipeline.spec import PipelineSpec
 
+# The override a job's entrypoint carries to run on the cluster it was submitted to (a Ray job or a
+# KubeRay RayJob): it replaces any local-Ray settings of the file (ray.num_cpus).
+JOIN_CLUSTER = "ray.address=auto"
+
 # Set for every process this driver starts (local Ray workers inherit the driver's environment).
 DRIVER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else workers print pages of bytecode while datasets fingerprints

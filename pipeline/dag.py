@@ -31,16 +31,6 @@ class DAG:
                 todo += self.parents.get(node, {}).values()
         return seen
 
-    def downstream_closure(self, nodes: set[str]) -> set[str]:
-        """The nodes plus everything that depends on them."""
-        result = set(nodes)
-        for node in self.order:  # topological, so one pass suffices
-            if any(p in result for p in self.parents.get(node, {}).values()):
-                result.add(node)
-        return result
-
-    def children(self, node: str) -> list[str]:
-        return [n for n in self.order if node in self.parents.get(n, {}).values()]
 
 
 def build_dag(spec: PipelineSpec) -> DAG:

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.cluster import JOIN_CLUSTER
 from pipeline.spec import KubernetesConfig, PipelineSpec, load_spec
 
 CONFIG_MOUNT = "/home/ray/rayalign"
-JOIN_CLUSTER = "ray.address=auto"
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are DNS-1035 labels of at most 47 characters
 
 

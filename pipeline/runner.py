@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipeline.dag import BASE, DAG, build_dag
 from pipeline.spec import PipelineSpec
@@ -181,9 +180,3 @@ def run_stage(
     artifact = store.commit(node, fp, manifest)
     log(f"{node}: complete in {watch.seconds:.1f}s -> {artifact.path}")
     return artifact
-
-
-def ensure_run_folder(spec: PipelineSpec) -> Path:
-    root = spec.run_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return root

@@ -121,17 +121,6 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def fingerprint_files(paths: list[Path]) -> str:
-    """Hash of the content of files (sorted by path), streamed so large files are fine."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(str(path.name).encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def fingerprint_model_location(location: str) -> str:
     """A model folder is hashed by its config and weight files' names, sizes and config content;
     a hub id by its name (hub revisions are pinned with ``base.revision``)."""

@@ -39,10 +39,9 @@ import time
 import uuid
 from pathlib import Path
 
+from pipeline.cluster import JOIN_CLUSTER
 from pipeline.spec import PipelineSpec, load_spec
 
-# The job replaces any local-Ray settings of the file (ray.num_cpus) with the cluster it runs on.
-JOIN_CLUSTER = "ray.address=auto"
 WORKING_DIR_EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", "*.egg-info", ".pytest_cache", "runs"]
 CODE_PACKAGES = ("pipeline", "stages")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -145,3 +145,11 @@ def _warn_if_markers_split(tokenizer) -> None:
             "at <|im_end|> unless it is added as a special token (and set as eos)",
             missing,
         )
+
+
+def conversation_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template (tokenized by it too, so
+    special tokens in the template are not added twice)."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            add_generation_prompt=add_generation_prompt)
+    return list(encoded["input_ids"])

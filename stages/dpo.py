@@ -14,7 +14,7 @@ no reference is kept. The worker records which one in ``worker_info.json`` and t
 
 On the tiny model plain sigmoid DPO lowers the chosen answers' likelihood too and collapses
 generation; ``rpo_alpha: 1.0`` (DPO + NLL on the chosen answer) is what lifts held-out accuracy
-over SFT (see /work/shared/STACK.md).
+over SFT (see ../shared/STACK.md).
 
 Held-out data as in ``stages.reward``: ``eval_path``, ``eval_fraction``, else a builtin task's
 test split. Metrics: the last logged rewards/chosen, rewards/rejected, accuracy, margin,
@@ -29,7 +29,8 @@ from pathlib import Path
 
 from pipeline.spec import DPOConfig
 from stages import launcher, preference_losses, training_data
-from stages.reward import WORKER_INFO, periodic_eval, with_default_eval
+from stages.launcher import WORKER_INFO
+from stages.reward import periodic_eval, with_default_eval
 from stages.stage import StageContext, StageResult
 from stages.training_curves import summarize_training
 

@@ -19,6 +19,7 @@ from stages.models import is_adapter, merge_adapter, resolve_precision
 from stages.stage import StageContext
 
 TRAIN_LOG = "train_log.json"
+WORKER_INFO = "worker_info.json"  # rank 0's stage-specific results (held-out metrics, critic, sync method)
 
 
 def upstream_full_model(ctx: StageContext, artifact) -> Path:

@@ -30,7 +30,6 @@ from stages import launcher, training_data
 from stages.stage import StageContext, StageResult
 from stages.training_curves import summarize_training
 
-WORKER_INFO = "worker_info.json"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -53,7 +52,7 @@ def run(ctx: StageContext) -> StageResult:
         eval_task=held_out_task(data_config),
     )
     log = launcher.launch(ctx, config, train_reward_worker, args)
-    info = json.loads((ctx.work_dir / WORKER_INFO).read_text())
+    info = json.loads((ctx.work_dir / launcher.WORKER_INFO).read_text())
     if "heldout_accuracy" in info["metrics"]:
         ctx.log(describe_heldout(info["metrics"]))
     result = summarize_training(ctx, config, log, data.summary, extra_metrics=info["metrics"])
@@ -137,7 +136,7 @@ def train_reward_worker(args: dict) -> None:
             categories = pair_categories(args["eval_file"], args["eval_task"]) if args["eval_task"] else None
             metrics.update(score_pairs(final_dir, args["eval_file"], args["train"]["max_length"],
                                        categories=categories))
-        (Path(args["work_dir"]) / WORKER_INFO).write_text(json.dumps({"metrics": metrics}))
+        (Path(args["work_dir"]) / launcher.WORKER_INFO).write_text(json.dumps({"metrics": metrics}))
 
 
 def pairs_dataset(path: str | None, use_margin: bool):
@@ -194,35 +193,26 @@ def pair_categories(pairs_file: str, task_name: str) -> list[str]:
 
 def score_pairs(model_dir: str | Path, pairs_file: str, max_length: int, batch_size: int = 32,
                 categories: list[str] | None = None) -> dict:
-    """Held-out metrics of a saved reward model, loaded with plain ``transformers``.
+    """Held-out metrics of a saved reward model (``stages.reward_scoring``, as PPO and the eval score).
 
-    ``categories`` (one per pair in the file) adds ``heldout_accuracy/<category>``.
+    Pairs with a side longer than ``max_length`` tokens are skipped and counted. ``categories`` (one
+    per pair in the file) adds ``heldout_accuracy/<category>``.
     """
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from stages.reward_scoring import RewardScorer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    scorer = RewardScorer(model_dir, batch_size=batch_size)
     rows = [json.loads(line) for line in open(pairs_file)]
     categories = categories or [None] * len(rows)
     encoded, kept_categories, too_long = [], [], 0
     for row, category in zip(rows, categories, strict=True):
-        ids = [tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)["input_ids"]
-               for side in ("chosen", "rejected")]
+        ids = [scorer.encode(row["prompt"] + row[side]) for side in ("chosen", "rejected")]
         if max(len(i) for i in ids) > max_length:
             too_long += 1
             continue
         encoded.append(ids)
         kept_categories.append(category)
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start:start + batch_size]
-            flat = [c for c, _ in batch] + [r for _, r in batch]
-            padded = tokenizer.pad({"input_ids": flat}, return_tensors="pt")
-            scores = model(**padded).logits.squeeze(-1).tolist()
-            chosen += scores[:len(batch)]
-            rejected += scores[len(batch):]
+    chosen = scorer.score_ids([c for c, _ in encoded])
+    rejected = scorer.score_ids([r for _, r in encoded])
     n = len(chosen)
     if n == 0:
         return {"heldout_pairs": 0, "heldout_pairs_too_long": too_long}

@@ -25,6 +25,8 @@ import json
 import math
 from typing import Any
 
+from stages.chat_templates import conversation_ids
+
 OUTPUT_COLUMNS = ("row", "purpose", "sample", "text", "tokens", "finished", "reward",
                   "policy_lp", "ref_lp", "policy_lp2", "ref_lp2")
 
@@ -36,21 +38,14 @@ def _output_row(row: int, purpose: str, **values: Any) -> dict:
     return out
 
 
-def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template."""
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            add_generation_prompt=add_generation_prompt)
-    return list(encoded["input_ids"])
-
-
 def split_response(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
     """(prompt ids with the generation prompt, the response's ids up to and including its last eos).
 
     The response is what follows the rendered generation prompt in the rendered whole conversation;
     when the template does not render that prefix exactly, the response text is tokenized on its own
     and the eos appended."""
-    prompt_ids = render_ids(tokenizer, prompt, add_generation_prompt=True)
-    full = render_ids(tokenizer, prompt + response, add_generation_prompt=False)
+    prompt_ids = conversation_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = conversation_ids(tokenizer, prompt + response, add_generation_prompt=False)
     eos = tokenizer.eos_token_id
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         response_ids = full[len(prompt_ids):]
@@ -99,30 +94,14 @@ class EvalWorker:
             self._reference = create_engine(self.engine_name, self.reference_path, **self.engine_kwargs)
         return self._reference
 
-    def reward_scores(self, prompts: list[list[dict]], responses: list[str], batch_size: int = 32) -> list[float]:
+    def reward_scores(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
         if self.reward_path is None or not prompts:
             return [math.nan] * len(prompts)
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         if self._reward is None:
-            tokenizer = AutoTokenizer.from_pretrained(self.reward_path)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            model = AutoModelForSequenceClassification.from_pretrained(self.reward_path, num_labels=1)
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = tokenizer.pad_token_id
-            self._reward = (tokenizer, model.to(self.device).eval())
-        tokenizer, model = self._reward
-        encoded = [render_ids(tokenizer, p + [{"role": "assistant", "content": r}], add_generation_prompt=False)
-                   for p, r in zip(prompts, responses)]
-        scores: list[float] = []
-        with torch.inference_mode():
-            for start in range(0, len(encoded), batch_size):
-                padded = tokenizer.pad({"input_ids": encoded[start:start + batch_size]}, return_tensors="pt")
-                logits = model(**{k: v.to(self.device) for k, v in padded.items()}).logits
-                scores += logits[:, 0].float().cpu().tolist()
-        return scores
+            from stages.reward_scoring import RewardScorer
+
+            self._reward = RewardScorer(self.reward_path, device=self.device)
+        return self._reward.score([p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
 
     # -- one batch --
 
@@ -140,7 +119,7 @@ class EvalWorker:
         if not rows:
             return []
         messages = [json.loads(r["messages"]) for r in rows]
-        prompt_ids = [render_ids(self.tokenizer, m, add_generation_prompt=True) for m in messages]
+        prompt_ids = [conversation_ids(self.tokenizer, m, add_generation_prompt=True) for m in messages]
         params = SamplingParams(**self.sampling)
         if params.greedy:
             rollouts = self.policy.generate(prompt_ids, params)

@@ -25,13 +25,6 @@ import torch
 from torch import nn
 
 
-def unwrap(model):
-    """The module inside DDP / DeepSpeed wrappers."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
-    return model
-
-
 def is_peft(model) -> bool:
     try:
         from peft import PeftModel

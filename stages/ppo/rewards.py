@@ -6,8 +6,9 @@
   ``function(prompts=[PromptExample, ...], completions=[str, ...]) -> [float, ...]``
   (``PromptExample.prompt`` holds the messages, ``.answer`` the reference answer, if any);
 * ``reward: <reward stage>``: the stage's sequence-classification model scores
-  ``prompt messages + {"role": "assistant", "content": response}`` through the tokenizer's chat
-  template, either in a Ray actor the driver starts (``reward_placement: actor``, one copy, batches
+  ``prompt messages + {"role": "assistant", "content": response}`` (``stages.reward_scoring``, the
+  same scorer the reward stage's held-out metrics and the eval use), either in a Ray actor the
+  driver starts (``reward_placement: actor``, one copy, batches
   go over the object store) or loaded in every training worker (``reward_placement: worker``).
 
 With both a reward model and a ``reward_fn`` the score is their sum.
@@ -16,9 +17,10 @@ With both a reward model and a ``reward_fn`` the score is their sum.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from stages.data.records import PromptExample
+from stages.reward_scoring import RewardScorer
 
 
 def programmatic_reward(spec: str) -> Callable[[list[PromptExample], list[str]], list[float]]:
@@ -47,41 +49,6 @@ def programmatic_reward(spec: str) -> Callable[[list[PromptExample], list[str]],
     return verify
 
 
-class RewardModelScorer:
-    """A sequence-classification reward model (a ``reward`` stage's output folder); Ray-actor ready."""
-
-    def __init__(self, model_dir: str, batch_size: int = 32, num_threads: int | None = None,
-                 max_length: int | None = None) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size = batch_size
-        self.max_length = max_length
-
-    def score(self, conversations: Sequence[list[dict]]) -> list[float]:
-        import torch
-
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-        out: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                     add_special_tokens=False, truncation=self.max_length is not None,
-                                     max_length=self.max_length)
-                out += self.model(**enc).logits.squeeze(-1).float().tolist()
-        return out
-
-    def ping(self) -> bool:
-        return True
-
-
 def start_reward_actor(model_dir: str, num_cpus: float = 1, num_gpus: float = 0, env_vars: dict | None = None):
     """The reward model in a Ray actor (driver side); ``actor.score.remote(conversations)``."""
     import ray
@@ -89,7 +56,7 @@ def start_reward_actor(model_dir: str, num_cpus: float = 1, num_gpus: float = 0,
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if env_vars:
         options["runtime_env"] = {"env_vars": env_vars}
-    actor = ray.remote(RewardModelScorer).options(**options).remote(model_dir, num_threads=max(1, int(num_cpus)))
+    actor = ray.remote(RewardScorer).options(**options).remote(model_dir, num_threads=max(1, int(num_cpus)))
     ray.get(actor.ping.remote())
     return actor
 
@@ -99,8 +66,8 @@ class RewardSources:
 
     def __init__(self, reward_fn: str | None = None, reward_model: Any = None) -> None:
         self.function = programmatic_reward(reward_fn) if reward_fn else None
-        # A Ray actor handle, a RewardModelScorer, or a folder to load one from (placement "worker").
-        self.model = RewardModelScorer(reward_model) if isinstance(reward_model, str) else reward_model
+        # A Ray actor handle, a RewardScorer, or a folder to load one from (placement "worker").
+        self.model = RewardScorer(reward_model) if isinstance(reward_model, str) else reward_model
         if self.function is None and self.model is None:
             raise ValueError("no reward source: set reward_fn and/or reward")
 
@@ -111,7 +78,7 @@ class RewardSources:
         if self.model is not None:
             conversations = [[m.to_dict() for m in p.prompt] + [{"role": "assistant", "content": c}]
                              for p, c in zip(prompts, completions)]
-            if isinstance(self.model, RewardModelScorer):
+            if isinstance(self.model, RewardScorer):
                 parts["reward_model"] = self.model.score(conversations)
             else:
                 import ray

@@ -31,7 +31,7 @@ SUMMARY = ("reward_mean", "kl", "entropy", "response_length", "value_loss", "exp
 
 def run(ctx: StageContext) -> StageResult:
     from pipeline.cluster import ensure_ray
-    from stages.ppo.worker import WORKER_INFO, train_ppo_worker
+    from stages.ppo.worker import train_ppo_worker
 
     config: PPOConfig = ctx.config
     check_vllm_lora(config)
@@ -88,7 +88,7 @@ def run(ctx: StageContext) -> StageResult:
             import ray
 
             ray.kill(reward_actor)
-    info = json.loads((ctx.work_dir / WORKER_INFO).read_text())
+    info = json.loads((ctx.work_dir / launcher.WORKER_INFO).read_text())
     extra = {**summary_metrics(log["log_history"]),
              **{f"initial_heldout_{k}": v for k, v in before.items()},
              **{f"heldout_{k}": v for k, v in after.items()},

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from stages.launcher import TRAIN_LOG
+from stages.launcher import TRAIN_LOG, WORKER_INFO
 from stages.ppo import checkpoint as ckpt
 from stages.ppo.policy import ActorCritic, causal_lm, is_peft
 from stages.ppo.rollout import Batch, make_experience, pack, response_logprobs
@@ -42,7 +42,6 @@ from stages.rl import (
 )
 
 METRICS_FILE = "ppo_metrics.jsonl"
-WORKER_INFO = "worker_info.json"
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -603,12 +602,11 @@ def tensorboard_writer(args: dict, start: int):
     return SummaryWriter(log_dir=log_dir, purge_step=start + 1 if start else None) if log_dir else None
 
 
-PROBE_TEXT = "12+34=46. The quick brown fox."
-
-
 @torch.no_grad()
 def probe_outputs(actor: ActorCritic, tokenizer) -> dict:
     """The final policy's last-position logits on a fixed text (checks the saved folder; see stages.worker)."""
+    from stages.worker import PROBE_TEXT
+
     ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
     logits = causal_lm(actor.policy)(input_ids=ids).logits
     return {"text": PROBE_TEXT, "logits": logits[0, -1].float().cpu().tolist()}

@@ -185,9 +185,6 @@ class HFEngine(RolloutEngine):
             method = "hf_load_state_dict"
         return SyncInfo(method=method, seconds=time.perf_counter() - started, details=details)
 
-    def _base_model(self):
-        return self.model.get_base_model() if self.adapter_name is not None else self.model
-
     def _drop_adapter(self) -> None:
         if self.adapter_name is not None:
             # Remove the LoRA layers without merging: the base weights stay as they were.

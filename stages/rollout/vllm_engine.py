@@ -136,14 +136,6 @@ class WeightSyncExtension:
     def rollout_reload_from_path(self, path: str) -> int:
         return self._rollout_apply(_read_folder_weights(path))
 
-    def rollout_load_weights_plain(self, blob: bytes) -> int:
-        """``model.load_weights`` without the reload machinery (kept to document its failure)."""
-        from safetensors.torch import load
-
-        weights = list(load(blob).items())
-        self.model_runner.model.load_weights(weights)
-        return len(weights)
-
 
 def _state_dict_bytes(state_dict: Mapping[str, Any]) -> bytes:
     from safetensors.torch import save
