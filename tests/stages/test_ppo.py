@@ -223,12 +223,29 @@ def test_sync_makes_engine_log_probs_match_the_trainer(ray_cluster, tiny_base, t
 # --------------------------------------------------------------------------- end to end
 
 
+# The learned reward model PPO optimises: Bradley-Terry on the task's 5000 verifier-labelled pairs (chosen =
+# the exact sum), 600 steps at lr 5e-4, in-process and seeded. Held-out carry-pair accuracy, measured over
+# seeds 0/1/2: 0.991/0.973/0.996 (overall 0.758/0.71/0.774; 400 steps gave 0.72-0.96, so it must pass a bar).
+RM_STEPS, RM_CARRY_BAR = 600, 0.9
+
+
 @pytest.fixture(scope="module")
 def reward_model(addition_sft, tmp_path_factory) -> Path:
-    return train_reward_model_in_process(addition_sft, tmp_path_factory.mktemp("ppo-rm") / "model")
+    """A reward model that first passes a measured accuracy bar on the flaw PPO must fix (the dropped carry)."""
+    from stages.reward import pair_categories, score_pairs
+    from stages.tasks import get_task
+
+    root = tmp_path_factory.mktemp("ppo-rm")
+    model = train_reward_model_in_process(addition_sft, root / "model", steps=RM_STEPS, lr=5e-4)
+    pairs = root / "test-pairs.jsonl"
+    test_pairs = get_task("addition").load("preference", "test").records
+    pairs.write_text("".join(json.dumps(p.to_trl()) + "\n" for p in test_pairs))
+    heldout = score_pairs(model, str(pairs), max_length=64, categories=pair_categories(str(pairs), "addition"))
+    assert heldout["heldout_accuracy/carry"] >= RM_CARRY_BAR, heldout
+    return model
 
 
-PPO_ITERS, GRPO_ITERS, RM_ITERS = 15, 15, 12
+PPO_ITERS, GRPO_ITERS, RM_ITERS = 15, 15, 15
 KILL_ITERS = 15  # the kill lands at the first checkpoint (iteration 3), so the rerun has iterations left
 
 
@@ -236,9 +253,11 @@ KILL_ITERS = 15  # the kill lands at the first checkpoint (iteration 3), so the 
 def rl_runs(ray_cluster, tiny_base, addition_sft, reward_model, tmp_path_factory):
     from pipeline.runner import run_pipeline
 
-    # 15 iterations x 32 prompts x 4 samples from the session's SFT policy (57% held-out, carry cases 4%);
-    # configs/tiny.yaml's PPO and GRPO go from ~56% to ~90% held-out in 20 iterations from a start like it.
-    rollout = {"prompts_per_step": 32, "n": 4}
+    # 15 iterations x 64 prompts x 4 samples from the session's SFT policy (51.5% on the 200 held-out prompts,
+    # carry cases 5%). 64 prompts, not tiny.yaml's 32: the share of carry problems in an iteration's prompts
+    # moves its mean reward by several points, and with 32 the reward curve's gain (+0.05 to +0.075 over
+    # three runs) was within two noise widths of zero.
+    rollout = {"prompts_per_step": 64, "n": 4}
     stages = {
         # PPO: exact-match verifier, full fine-tuning, value head on the policy (shared critic), DeepSpeed ZeRO-2.
         "ppo": ppo_stage(peft={"method": "full"}, deepspeed={"zero_stage": 2}, rollout=rollout,
@@ -248,14 +267,18 @@ def rl_runs(ray_cluster, tiny_base, addition_sft, reward_model, tmp_path_factory
         "grpo": ppo_stage(peft={"method": "lora", "r": 8, "alpha": 32}, rollout=rollout,
                           algorithm={"advantage": "grpo"},
                           train={"max_steps": GRPO_ITERS, "lr": 1e-3, "logging_steps": 10}),
-        # PPO on a learned reward model (in a Ray actor), separate critic initialised from it, adaptive KL.
+        # PPO on a learned reward model (in a Ray actor), separate critic initialised from it, adaptive KL with
+        # a short horizon so that the controller visibly acts within the run.
         "ppo_rm": ppo_stage(reward="rm", reward_fn=None, peft={"method": "full"},
                             critic={"mode": "separate", "lr": 1e-4},
-                            algorithm={"advantage": "gae", "kl_coef": 0.05, "kl_target": 1.0, "kl_horizon": 1000},
-                            rollout={"n": 2}, train={"max_steps": RM_ITERS, "lr": 5e-5, "logging_steps": 4}),
+                            algorithm={"advantage": "gae", "kl_coef": 0.05, "kl_target": KL_TARGET, "kl_horizon": 100},
+                            rollout=rollout, train={"max_steps": RM_ITERS, "lr": 1e-4, "logging_steps": 5}),
     }
     spec = parse_spec(spec_raw(tmp_path_factory.mktemp("ppo-runs"), stages))
     return run_pipeline(spec, inputs={"base": str(tiny_base), "sft": str(addition_sft), "rm": str(reward_model)})
+
+
+KL_TARGET = 1.0
 
 
 def curve(artifact, name: str) -> list[float]:
@@ -267,14 +290,24 @@ def early_late(values: list[float]) -> tuple[float, float]:
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
+# Thresholds set below the worst of three runs (train.seed 0/1/2, this fixture's settings, two of them while
+# another test suite loaded the cores). reward_mean is the fraction of exact sums per iteration (sampled at
+# temperature 1); "early"/"late" are the means of the first and last third of the iterations. Held-out:
+# greedy accuracy on the 200 test prompts, final policy minus the SFT start (51.5%).
+#   PPO : reward gain +0.116/+0.116/+0.121, held-out gain +0.450/+0.390/+0.375
+#   GRPO: reward gain +0.140/+0.156/+0.117, held-out gain +0.440/+0.435/+0.385
+PPO_REWARD_GAIN, PPO_HELDOUT_GAIN = 0.05, 0.2
+GRPO_REWARD_GAIN, GRPO_HELDOUT_GAIN = 0.05, 0.2
+
+
 @pytest.mark.slow
 def test_ppo_with_verifier_raises_reward(rl_runs):
     ppo = rl_runs["ppo"]
     m = ppo.manifest["metrics"]
     early, late = early_late(curve(ppo, "reward_mean"))
-    assert late > early, (early, late)
+    assert late >= early + PPO_REWARD_GAIN, (early, late)
     # Greedy held-out accuracy (200 test prompts, exact match) of the final policy vs the SFT start.
-    assert m["heldout_accuracy"] > m["initial_heldout_accuracy"], m
+    assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + PPO_HELDOUT_GAIN, m
     assert ppo.manifest["critic"] == "shared" and m["value_head_parameters"] > 0
     assert "value_loss" in ppo.manifest["curves"] and "explained_variance" in ppo.manifest["curves"]
     assert ppo.manifest["reference"] == "frozen copy" and ppo.manifest["sync_method"] == "hf_load_state_dict"
@@ -300,8 +333,8 @@ def test_grpo_raises_reward_without_a_critic(rl_runs):
     grpo = rl_runs["grpo"]
     m = grpo.manifest["metrics"]
     early, late = early_late(curve(grpo, "reward_mean"))
-    assert late > early, (early, late)
-    assert m["heldout_accuracy"] > m["initial_heldout_accuracy"], m
+    assert late >= early + GRPO_REWARD_GAIN, (early, late)
+    assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + GRPO_HELDOUT_GAIN, m
     assert grpo.manifest["critic"] == "none"
     assert m["value_head_parameters"] == 0 and m["critic_parameters"] == 0
     assert not any(name.startswith(("value_", "vf_")) or name == "explained_variance"
@@ -314,14 +347,58 @@ def test_grpo_raises_reward_without_a_critic(rl_runs):
     AutoPeftModelForCausalLM.from_pretrained(str(grpo.model_dir))
 
 
+# PPO on the learned reward model, the same three seeds:
+#   reward-model score per iteration, early -> late third: +0.937/+0.550/+0.622
+#   mean reward-model score of the greedy answers to the 200 held-out prompts: SFT 0.083 -> 1.492/1.488/1.614
+#   held-out carry accuracy 0.049 -> 0.853/0.902/0.686 (no-carry 1.0 -> 0.48/0.776/0.031: the reward model is
+#   near chance there, 0.57 on the no-carry test pairs, and the policy drifts; README, "PPO on a learned reward")
+#   KL (nats per response, target 1.0), mean of the last 5 iterations: 1.05/0.61/2.46
+RM_REWARD_GAIN, RM_HELDOUT_SCORE_GAIN, RM_CARRY_GAIN = 0.25, 0.6, 0.3
+KL_FACTOR = 4.0  # late KL within [target / KL_FACTOR, target * KL_FACTOR]
+
+
 @pytest.mark.slow
-def test_ppo_with_reward_model_raises_reward_with_bounded_kl(rl_runs):
+def test_ppo_with_reward_model_raises_reward_with_bounded_kl(rl_runs, addition_sft, reward_model):
     run = rl_runs["ppo_rm"]
+    m = run.manifest["metrics"]
     early, late = early_late(curve(run, "reward_mean"))
-    assert late > early, (early, late)
-    assert run.manifest["critic"] == "separate" and run.manifest["metrics"]["critic_parameters"] > 0
-    assert max(curve(run, "kl")) < 5.0  # nats per response, with the adaptive controller (target 1.0)
-    assert len(set(curve(run, "kl_coef"))) > 1  # the adaptive controller moved the coefficient
+    assert late >= early + RM_REWARD_GAIN, (early, late)
+    assert run.manifest["critic"] == "separate" and m["critic_parameters"] > 0
+    # On fixed held-out prompts (greedy, no sampling noise) the reward model scores the trained policy's
+    # answers higher than the SFT policy's ...
+    before, after = (held_out_reward_score(policy, reward_model) for policy in (addition_sft, run.model_dir))
+    assert after >= before + RM_HELDOUT_SCORE_GAIN, (before, after)
+    # ... and the verifier agrees where the reward model is reliable: the missing carry gets fixed.
+    assert m["heldout_carry_accuracy"] >= m["initial_heldout_carry_accuracy"] + RM_CARRY_GAIN, m
+    # The adaptive controller does what it must: every update moves kl_coef in the direction of KL - target ...
+    kl, coef = curve(run, "kl"), curve(run, "kl_coef")
+    assert len(kl) == len(coef) == RM_ITERS
+    for step in range(RM_ITERS - 1):
+        change = coef[step + 1] - coef[step]
+        assert change != 0 and (change > 0) == (kl[step] > KL_TARGET), (step, kl[step], coef[step], coef[step + 1])
+    # ... and the late KL stays near the target.
+    late_kl = sum(kl[-5:]) / 5
+    assert KL_TARGET / KL_FACTOR <= late_kl <= KL_TARGET * KL_FACTOR, kl
+
+
+def held_out_reward_score(policy: Path, reward_model: Path, prompts: int = 200) -> float:
+    """The reward model's mean score of ``policy``'s greedy answers to the first test prompts."""
+    from stages.reward_scoring import RewardScorer
+    from stages.rollout import SamplingParams, create_engine
+    from stages.tasks import get_task
+
+    examples = get_task("addition").load("prompt", "test", prompts).records
+    engine = create_engine("hf", str(policy))
+    try:
+        texts = [engine.tokenizer.apply_chat_template([m.to_dict() for m in e.prompt], tokenize=False,
+                                                      add_generation_prompt=True) for e in examples]
+        answers = engine.generate(texts, SamplingParams(max_new_tokens=6, temperature=0.0))
+    finally:
+        engine.close()
+    scores = RewardScorer(str(reward_model)).score(
+        [[m.to_dict() for m in e.prompt] + [{"role": "assistant", "content": a.response_text}]
+         for e, a in zip(examples, answers)])
+    return sum(scores) / len(scores)
 
 
 # --------------------------------------------------------------------------- kill and resume

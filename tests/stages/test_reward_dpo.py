@@ -66,12 +66,15 @@ def test_reward_model_ranks_held_out_pairs(addition_run):
     print("reward metrics", m)
     assert m["heldout_pairs"] == 500  # builtin:addition/test, all within max_length
     assert m["heldout_accuracy"] >= REWARD_THRESHOLD, m
-    assert m["heldout_margin"] > 0 and m["heldout_reward_chosen_mean"] > m["heldout_reward_rejected_mean"], m
+    # Mean chosen-minus-rejected margin on the held-out pairs: measured 3.26, 1.60 and 0.41 (held-out accuracy
+    # 0.778, 0.728 and 0.636) in three runs; 2 workers under ZeRO-2 do not repeat bit for bit.
+    assert m["heldout_margin"] >= 0.1, m
     # The missing carry, the demonstrator's flaw, it spots; most of its errors are on the no-carry pairs (README).
     assert m["heldout_accuracy/carry"] >= CARRY_THRESHOLD, m
     assert m["global_step"] == REWARD_STEPS
     losses = [p["value"] for p in reward.manifest["curves"]["loss"]]
-    assert len(losses) == REWARD_STEPS // 40 and losses[-1] < losses[0]
+    # From the ln 2 plateau (0.69 at the first logging step) to 0.35, 0.42 and 0.59 by the end (0.50x, 0.60x, 0.84x).
+    assert len(losses) == REWARD_STEPS // 40 and losses[-1] <= 0.95 * losses[0], losses
     assert reward.manifest["data"]["data"]["eval"]["format"] == "builtin:addition"
 
 
@@ -86,14 +89,25 @@ def test_reward_output_is_a_plain_sequence_classifier(addition_run):
     tokenizer = AutoTokenizer.from_pretrained(str(reward.model_dir))
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
 
-    def score(answer: str) -> float:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": "47+38="},
-                                             {"role": "assistant", "content": answer}], return_tensors="pt",
+    # Loaded with plain transformers and scored one conversation at a time (no padding), the folder ranks
+    # the held-out carry pairs as the stage reported, and above the measured floor.
+    from stages.data.records import PromptExample
+    from stages.tasks import get_task
+
+    task = get_task("addition")
+    pairs = [p for p in task.load("preference", "test").records
+             if task.category(PromptExample.from_trl(p.to_trl())) == "carry"]
+
+    def score(conversation) -> float:
+        ids = tokenizer.apply_chat_template([m.to_dict() for m in conversation], return_tensors="pt",
                                             return_dict=True)
         with torch.no_grad():
             return model(**ids).logits.item()
 
-    assert score("85") != score("75")
+    wins = [score(p.prompt + p.chosen) > score(p.prompt + p.rejected) for p in pairs]
+    accuracy = sum(wins) / len(wins)
+    assert accuracy >= CARRY_THRESHOLD, accuracy
+    assert accuracy == pytest.approx(reward.metrics["heldout_accuracy/carry"], abs=1.5 / len(wins))
 
 
 @pytest.mark.slow
@@ -102,8 +116,10 @@ def test_dpo_raises_margin_with_a_frozen_reference(addition_run):
     m = dpo.metrics
     print("dpo metrics", {k: v for k, v in m.items() if not k.startswith("final_")})
     # The chosen-minus-rejected margin grows from ~0 (policy == reference at step 0), in training and held out.
-    assert m["margin"] > m["first_margin"] and m["margin"] > 0, m
-    assert m["heldout_rewards/margins"] > 0 and m["heldout_rewards/accuracies"] > 0.5, m
+    # Measured: training margin 0.072 at the first logging step -> 0.176; held-out margin 0.179 and
+    # ranking accuracy 0.80 (the same in two runs: one worker repeats exactly).
+    assert m["margin"] >= m["first_margin"] + 0.05, m
+    assert m["heldout_rewards/margins"] >= 0.08 and m["heldout_rewards/accuracies"] >= 0.65, m
     for key in ("rewards_chosen", "rewards_rejected", "accuracy", "logps_chosen", "logps_rejected"):
         assert key in m
     assert dpo.manifest["reference"] == "frozen copy" and dpo.manifest["ref_model_is_none"] is False
@@ -118,8 +134,9 @@ def test_dpo_with_nll_beats_sft_on_held_out_prompts(addition_run, addition_sft):
     accuracy = {name: heldout_accuracy(Path(model), "addition")
                 for name, model in (("sft", addition_sft), ("dpo", addition_run["dpo"].model_dir))}
     print("verifier accuracy", accuracy)
-    # Measured with this fixture: SFT 57.0% (carry 4%), DPO + NLL 96.2% (carry 100%).
-    assert accuracy["dpo"]["accuracy"] >= accuracy["sft"]["accuracy"] + 0.1, accuracy
+    # Measured with this fixture: SFT 57.2% (carry 5%), DPO + NLL 96.2% (previous recipe run),
+    # then 93.2% in two runs (carry 99%).
+    assert accuracy["dpo"]["accuracy"] >= accuracy["sft"]["accuracy"] + 0.2, accuracy
 
 
 # --------------------------------------------------------------------------- real files
@@ -155,7 +172,12 @@ def test_reward_on_hh_rlhf(real_run):
     # The per-character tokenizer makes most HH-RLHF pairs longer than 256 tokens; those are dropped and counted.
     assert 0 < m["train_pairs_used"] < data["train_records"]
     assert m["train_pairs_used"] + m["train_pairs_too_long"] == data["train_records"]
-    assert m["heldout_pairs"] > 0 and 0.0 <= m["heldout_accuracy"] <= 1.0
+    # Held-out accuracy against a known answer: the eval pairs the stage wrote, scored again here one pair at
+    # a time (no padding) by the merged classifier loaded with plain transformers.
+    expected = _pairwise_accuracy(rm.model_dir, rm.path / "data" / "eval.jsonl", max_length=256)
+    assert m["heldout_pairs"] == expected["pairs"] >= 10, (m, expected)  # 17 of 117 fit in 256 tokens
+    assert m["heldout_pairs_too_long"] == expected["too_long"]
+    assert m["heldout_accuracy"] == pytest.approx(expected["accuracy"], abs=1.5 / expected["pairs"]), (m, expected)
     # LoRA: the adapter (score head trained in full) is kept, model/ holds the merged plain classifier.
     adapter = json.loads((rm.path / "adapter" / "adapter_config.json").read_text())
     assert "score" in adapter["modules_to_save"] and adapter["task_type"] == "SEQ_CLS"
@@ -276,3 +298,24 @@ def test_kto_loss_reads_unpaired_kto_file(shared_data):
     spec = parse_spec({"name": "k", "stages": {"dpo": {"data": str(kto), "loss": "kto"}}})
     lines = validate_pipeline(spec)
     assert any("300 usable kto records" in line for line in lines), lines
+
+
+def _pairwise_accuracy(model_dir: Path, pairs_file: Path, max_length: int) -> dict:
+    """Chosen-over-rejected accuracy of a saved sequence classifier on a TRL pairs file, pair by pair."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    wins, too_long = [], 0
+    for line in pairs_file.read_text().splitlines():
+        row = json.loads(line)
+        ids = [tokenizer.apply_chat_template(row["prompt"] + row[side], return_tensors="pt", return_dict=True)
+               for side in ("chosen", "rejected")]
+        if max(i["input_ids"].shape[1] for i in ids) > max_length:
+            too_long += 1
+            continue
+        with torch.no_grad():
+            chosen, rejected = (model(**i).logits.item() for i in ids)
+        wins.append(chosen > rejected)
+    return {"pairs": len(wins), "too_long": too_long, "accuracy": sum(wins) / max(1, len(wins))}

@@ -36,6 +36,8 @@ def test_lora_sft_on_two_workers(zero_stage, ray_cluster, tiny_base, tmp_path):
     artifact = run_pipeline(spec)["sft"]
 
     curve = losses(artifact)
+    print(f"lora sft zero{zero_stage} loss curve", curve)
+    # Measured 3.02 -> 2.46 (0.81x) under ZeRO-2 and ZeRO-3 alike.
     assert curve[-1] < 0.9 * curve[0], f"loss did not fall: {curve}"
     assert artifact.manifest["model_type"] == "adapter"
     assert artifact.manifest["status"] == "complete"
@@ -64,5 +66,6 @@ def test_qlora_sft_keeps_a_4bit_base(ray_cluster, tiny_base, tmp_path):
     assert summary["linear4bit_modules"] == 7 * 2, summary  # every targeted linear of both layers is NF4
     assert 0 < summary["trainable_params"] < summary["total_params"]
     curve = losses(artifact)
-    assert all(v == v for v in curve) and curve[-1] < curve[0]
+    print("qlora sft loss curve", curve)
+    assert all(v == v for v in curve) and curve[-1] < 0.9 * curve[0], curve  # measured: 3.30 -> 2.66 (0.81x)
     assert artifact.manifest["model_type"] == "adapter"
