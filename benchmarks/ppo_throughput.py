@@ -40,11 +40,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def addition_prompts(tokenizer, count: int) -> list[list[int]]:
-    from stages.ppo.worker import prompt_token_ids
+    from stages.chat_templates import conversation_ids
     from stages.tasks import get_task
 
     records = get_task("addition").load("prompt", "train", count).records
-    return [prompt_token_ids(tokenizer, [m.to_dict() for m in r.prompt]) for r in records]
+    return [conversation_ids(tokenizer, [m.to_dict() for m in r.prompt], add_generation_prompt=True) for r in records]
 
 
 def engine_throughput(model: str, engine: str, prompts: int, n: int, max_new_tokens: int, repeats: int = 2) -> dict:

@@ -19,6 +19,9 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pipeline.cluster import set_verbosity
+
+    set_verbosity(args.verbose)  # before anything heavy is imported or Ray starts
     from pipeline.dag import DAGError
     from pipeline.runner import RunError
     from pipeline.spec import SpecError
@@ -31,11 +34,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    verbose_help = "show everything: library progress bars, Ray's and transformers' notices, warnings"
     parser = argparse.ArgumentParser(prog="rayalign", description="Alignment pipelines on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # -v after the command too (`rayalign run X -v`); SUPPRESS keeps a `-v` given before it.
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=help_text)
+        command = sub.add_parser(name, help=help_text, parents=[verbosity])
         command.add_argument("config", help="pipeline YAML file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config value, e.g. stages.sft.train.lr=1e-4 (repeatable)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 from pipeline.spec import PipelineSpec
 
@@ -20,19 +22,79 @@ DRIVER_ENV = {
 }
 
 
+# Unless --verbose: what a user would rather not read. Set in the driver before Ray starts, so every
+# worker and actor inherits it (a cluster job gets it through the runtime env).
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" / "Writing model shards" in every actor
+    "TRANSFORMERS_VERBOSITY": "error",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+}
+VERBOSE = "RAYALIGN_VERBOSE"
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Quiet by default: rayalign's own progress lines and real warnings only; ``verbose`` shows everything.
+
+    Call it before transformers is imported or Ray starts. The raw logs of every Ray process stay
+    reachable from the run folder either way (``<run>/logs/ray``, see :func:`ensure_ray`).
+    """
+    if verbose:
+        os.environ[VERBOSE] = "1"
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    import warnings
+
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE) == "1"
+
+
 def ensure_ray(spec: PipelineSpec) -> None:
-    """Start (or join) Ray once per process; a second call is a no-op."""
+    """Start (or join) Ray once per process, and link its logs into the run folder."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        start_ray(spec)
+    link_ray_logs(spec.run_root())
+
+
+def start_ray(spec: PipelineSpec) -> None:
+    import ray
+
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
-    kwargs: dict = {"namespace": spec.ray.namespace, "log_to_driver": True}
+    kwargs: dict = {"namespace": spec.ray.namespace, "log_to_driver": True,
+                    "logging_level": logging.INFO if is_verbose() else logging.WARNING}
     if spec.ray.address:
         kwargs["address"] = spec.ray.address
         # Code and environment travel with the job when joining an existing cluster.
-        kwargs["runtime_env"] = {"env_vars": {k: os.environ[k] for k in DRIVER_ENV}}
+        passed = [*DRIVER_ENV, *(k for k in QUIET_ENV if k in os.environ)]
+        kwargs["runtime_env"] = {"env_vars": {k: os.environ[k] for k in passed}}
     else:
         kwargs.update(num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus)
     ray.init(**kwargs)
+    if not is_verbose():
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the executor's per-dataset lines
+
+
+def link_ray_logs(run_root: Path) -> None:
+    """``<run>/logs/ray`` -> this Ray session's log folder (every worker's and actor's raw output)."""
+    import ray
+
+    # Private, but Ray's only handle on the session folder; a driver without a local node has none.
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return
+    session_logs = Path(node.get_logs_dir_path())
+    link = run_root / "logs" / "ray"
+    if link.is_symlink() and link.resolve() == session_logs.resolve():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(session_logs, target_is_directory=True)

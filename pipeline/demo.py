@@ -1,6 +1,6 @@
 """``make demo``: run a pipeline file on a local Ray instance and print what it achieved.
 
-    python -m pipeline.demo configs/tiny.yaml
+    python -m pipeline.demo configs/tiny.yaml [-v] [KEY=VALUE ...]
 
 Runs every stage (cached stages are skipped), then prints the held-out verifier accuracy of
 every model in the DAG on the built-in task (the eval stage's table where there is one), each reward
@@ -13,12 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.runner import run_pipeline
-from pipeline.spec import load_spec
+from pipeline.cluster import set_verbosity
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    set_verbosity(verbose)  # before transformers is imported or Ray starts
+    from pipeline.runner import run_pipeline
+    from pipeline.spec import load_spec
+
     config = argv[0] if argv else "configs/tiny.yaml"
     spec = load_spec(config, argv[1:])
     started = time.monotonic()

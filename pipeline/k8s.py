@@ -74,26 +74,8 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
     storage_volumes = ([{"name": "storage", "persistentVolumeClaim": {"claimName": k8s.storage_claim}}]
                        if k8s.storage_claim else [])
 
-    head = {
-        "name": "ray-head",
-        "image": k8s.image,
-        "env": env,
-        "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}],
-        "resources": _resources(k8s.head_cpu, k8s.head_memory),
-        "volumeMounts": [{"name": "pipeline", "mountPath": CONFIG_MOUNT}, *storage_mounts],
-    }
-    worker_limits = {"cpu": _quantity(shape["cpus_per_worker"]), "memory": k8s.worker_memory}
-    if shape["use_gpu"]:
-        worker_limits["nvidia.com/gpu"] = str(math.ceil(shape["gpus_per_worker"]))
-    worker = {
-        "name": "ray-worker",
-        "image": k8s.image,
-        "env": env,
-        "resources": {"limits": worker_limits, "requests": dict(worker_limits)},
-        # torch.distributed (gloo, NCCL) and DeepSpeed need more /dev/shm than a container's 64 MiB.
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *storage_mounts],
-    }
+    head = _head_container(k8s, env, storage_mounts)
+    worker = _worker_container(k8s, env, storage_mounts, shape)
     rayjob = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -129,6 +111,32 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
         "data": {config_file: config_text},
     }
     return [configmap, rayjob]
+
+
+def _head_container(k8s: KubernetesConfig, env: list[dict], storage_mounts: list[dict]) -> dict:
+    return {
+        "name": "ray-head",
+        "image": k8s.image,
+        "env": env,
+        "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
+                  {"containerPort": 10001, "name": "client"}],
+        "resources": _resources(k8s.head_cpu, k8s.head_memory),
+        "volumeMounts": [{"name": "pipeline", "mountPath": CONFIG_MOUNT}, *storage_mounts],
+    }
+
+
+def _worker_container(k8s: KubernetesConfig, env: list[dict], storage_mounts: list[dict], shape: dict) -> dict:
+    limits = {"cpu": _quantity(shape["cpus_per_worker"]), "memory": k8s.worker_memory}
+    if shape["use_gpu"]:
+        limits["nvidia.com/gpu"] = str(math.ceil(shape["gpus_per_worker"]))
+    return {
+        "name": "ray-worker",
+        "image": k8s.image,
+        "env": env,
+        "resources": {"limits": limits, "requests": dict(limits)},
+        # torch.distributed (gloo, NCCL) and DeepSpeed need more /dev/shm than a container's 64 MiB.
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *storage_mounts],
+    }
 
 
 def pod_env(k8s: KubernetesConfig) -> list[dict]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from pipeline.cluster import ensure_ray
 from pipeline.dag import BASE, DAG, build_dag
 from pipeline.spec import PipelineSpec
 from pipeline.store import Artifact, ArtifactStore, fingerprint, library_versions, now, rayalign_version, write_json
+from stages.log import log
+from stages.registry import stage_kind
+from stages.stage import RunServices, StageContext, Stopwatch, data_sources
 
 
 class RunError(RuntimeError):
@@ -25,14 +29,8 @@ class Plan:
     selected: list[str] = field(default_factory=list)  # nodes this run executes (or takes from cache)
 
 
-def log(message: str) -> None:
-    print(f"[rayalign] {message}", file=sys.stderr, flush=True)
-
-
 def stage_fingerprint(spec: PipelineSpec, node: str, upstream: dict[str, str]) -> str:
     """Hash of everything that determines a stage's output: config, upstream outputs, data, code version."""
-    from stages.stage import data_sources
-
     if node == BASE:
         from stages.pretrained import BUILTIN_BASES
 
@@ -52,13 +50,8 @@ def stage_fingerprint(spec: PipelineSpec, node: str, upstream: dict[str, str]) -
 
 def data_fingerprint(path: str) -> str:
     """Content hash of a data source; for builtin tasks, the task's version and parameters."""
-    from stages.data.loader import BUILTIN_SOURCES, fingerprint_source, parse_builtin
+    from stages.sources import fingerprint_source
 
-    if path.startswith("builtin:"):
-        import stages.tasks  # noqa: F401  (registers the builtin sources)
-
-        name, split = parse_builtin(path)
-        return fingerprint({"builtin": name, "split": split, "version": getattr(BUILTIN_SOURCES.get(name), "version", None)})
     return fingerprint_source(path)
 
 
@@ -140,16 +133,38 @@ def _upstream_from_store(store: ArtifactStore, node: str, fp: str) -> Artifact:
     )
 
 
+def run_services(spec: PipelineSpec, store: ArtifactStore) -> RunServices:
+    """What a stage may use of the run: its settings, and the store's and Ray's services."""
+
+    def earlier_outputs(stage: str) -> list[Path]:
+        folder = store.stage_dir(stage)
+        found = [a for d in folder.iterdir() if not d.name.startswith(".") and (a := store.find(stage, d.name))] \
+            if folder.is_dir() else []
+        return [a.path for a in sorted(found, key=lambda a: a.manifest.get("finished", ""), reverse=True)]
+
+    return RunServices(
+        pipeline=spec.name,
+        run_root=spec.run_root(),
+        base=spec.base,
+        tracking=spec.tracking,
+        stage_kinds={name: config.kind for name, config in spec.stages.items()},
+        resolve_path=spec.resolve_path,
+        connect_ray=lambda: ensure_ray(spec),
+        fingerprint=fingerprint,
+        data_fingerprint=data_fingerprint,
+        earlier_outputs=earlier_outputs,
+    )
+
+
 def run_stage(
     spec: PipelineSpec, dag: DAG, node: str, fp: str, artifacts: dict[str, Artifact], store: ArtifactStore
 ) -> Artifact:
-    from stages.stage import StageContext, Stopwatch, stage_runner
-
-    config = spec.stages.get(node)
-    kind = config.kind if config is not None else "base"
+    config = spec.stages.get(node, spec.base if node == BASE else None)
+    kind = BASE if node == BASE else config.kind
     work_dir = store.partial_dir(node, fp)
     inputs = {role: artifacts[parent] for role, parent in dag.parents[node].items()}
-    ctx = StageContext(name=node, config=config, spec=spec, inputs=inputs, work_dir=work_dir, fingerprint=fp)
+    ctx = StageContext(name=node, config=config, inputs=inputs, work_dir=work_dir, fingerprint=fp,
+                       run=run_services(spec, store))
     manifest = {
         "stage": node,
         "kind": kind,
@@ -157,7 +172,7 @@ def run_stage(
         "status": "running",
         "inputs": {parent: artifacts[parent].fingerprint for parent in dag.parents[node].values()},
         "input_roles": dict(dag.parents[node]),
-        "config": config.model_dump(mode="json", by_alias=True) if config else spec.base.model_dump(mode="json"),
+        "config": config.model_dump(mode="json", by_alias=True),
         "started": now(),
         "versions": library_versions(),
     }
@@ -165,7 +180,7 @@ def run_stage(
     log(f"{node}: running {kind} stage ({fp}) in {work_dir}")
     watch = Stopwatch()
     try:
-        result = stage_runner(kind)(ctx)
+        result = stage_kind(kind).runner()(ctx)
     except Exception as err:
         write_json(work_dir / "manifest.json", {**manifest, "status": "failed", "error": repr(err),
                                                  "traceback": traceback.format_exc()})

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from stages.files import write_json
+
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 PARTIAL_PREFIX = ".partial-"
@@ -158,10 +160,3 @@ def rayalign_version() -> str:
         return metadata.version("rayalign")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON aside and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)

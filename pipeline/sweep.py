@@ -36,7 +36,8 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.dag import build_dag
 from pipeline.runner import RunError, log, plan, run_pipeline
-from pipeline.spec import PipelineSpec, SearchDimension, SpecError, TrainingStageConfig, parse_stage
+from pipeline.spec import PipelineSpec, SearchDimension, SpecError, parse_stage
+from stages.config import TrainingStageConfig
 from pipeline.store import now, write_json
 
 # Logical memory each trial's driver reserves instead of a CPU (it only waits on its Train workers).

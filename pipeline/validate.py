@@ -8,7 +8,7 @@ from pipeline.spec import PipelineSpec
 
 def validate_pipeline(spec: PipelineSpec) -> list[str]:
     """Raises on the first problem (SpecError, DAGError, DataError); returns one line per data source."""
-    from stages.data import load_records
+    from stages.sources import load_records
     from stages.stage import data_sources
 
     dag = build_dag(spec)

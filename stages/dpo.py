@@ -26,13 +26,52 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar, Literal
 
-from pipeline.spec import DPOConfig
+from pydantic import Field, field_validator, model_validator
+
 from stages import launcher, preference_losses, training_data
+from stages.config import TrainingStageConfig
 from stages.launcher import WORKER_INFO
-from stages.reward import periodic_eval, with_default_eval
-from stages.stage import StageContext, StageResult
+from stages.log import stage_log
+from stages.stage import StageContext, StageKind, StageResult
 from stages.training_curves import summarize_training
+from stages.training_data import periodic_eval, with_default_eval
+
+
+class DPOConfig(TrainingStageConfig):
+    """Preference optimisation of a policy (TRL DPO/CPO/ORPO/KTO trainers by ``loss``); see ``stages.dpo``."""
+
+    kind: Literal["dpo"] = "dpo"
+    data_inputs: ClassVar[dict[str, str]] = {"data": "preference"}  # record_kind: "kto" for the kto loss
+    loss: str = Field("sigmoid", description="Objective by name (stages.preference_losses.LOSSES).")
+    beta: float = Field(0.1, gt=0.0, description="Strength of the implicit KL penalty (IPO: tau; ORPO: lambda).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="robust / simpo: probability a label is flipped.")
+    rpo_alpha: float | None = Field(
+        None, ge=0.0, description="Weight of an NLL term on the chosen answer (RPO); dpo-family and simpo losses."
+    )
+    simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin gamma.")
+    precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once before training.")
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of desirable examples.")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of undesirable examples.")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        preference_losses.get_loss(value)  # ValueError listing the valid names
+        return value
+
+    @model_validator(mode="after")
+    def _fields_fit_loss(self) -> DPOConfig:
+        preference_losses.check_fields(self.loss, set(self.model_fields_set))
+        return self
+
+    def record_kind(self, field_name: str, default: str) -> str:
+        """The record kind of a data field: ``kto`` losses read unpaired examples."""
+        return preference_losses.family(self.loss).data_kind if field_name == "data" else default
+
+
+STAGE = StageKind("dpo", DPOConfig, run="stages.dpo:run")
 
 # Logged TRL metric -> manifest metric name (last logged value; "first_" + name for the first one).
 SUMMARY_METRICS = {
@@ -54,15 +93,13 @@ def run(ctx: StageContext) -> StageResult:
     family = preference_losses.family(config.loss)
     data = training_data.prepare(ctx, with_default_eval(config.data), family.data_kind, seed=config.train.seed)
     model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
-    args = launcher.common_worker_args(
+    job = launcher.worker_job(
         ctx, config, model_source,
-        loss=config.loss,
-        trl_kwargs=preference_losses.trl_kwargs(config),
         train_file=str(data.train_file),
         eval_file=str(data.eval_file) if data.eval_file else None,
         has_eval=periodic_eval(config, data),
     )
-    log = launcher.launch(ctx, config, train_preference_worker, args)
+    log = launcher.launch(ctx, config, train_preference_worker, job)
     info = json.loads((ctx.work_dir / WORKER_INFO).read_text())
     counts = {k: info[k] for k in ("policy_parameters", "trainable_parameters", "ref_parameters")}
     result = summarize_training(ctx, config, log, data.summary,
@@ -88,46 +125,37 @@ def summary_metrics(history: list[dict]) -> dict:
 
 def train_preference_worker(args: dict) -> None:
     """Per-worker preference-optimisation loop (Ray Train ``train_loop_per_worker``)."""
-    from pipeline.spec import PeftConfig
-    from stages.models import load_model, load_tokenizer, peft_config
-    from stages.worker import is_rank_zero, setup_worker, train_and_save, training_arguments
+    from stages.models import load_model, peft_config
+    from stages.worker import is_rank_zero, start_worker, train_and_save, training_arguments
 
-    setup_worker(args)
-    loss = preference_losses.get_loss(args["loss"])
+    job, config, tokenizer = start_worker(args, DPOConfig)
+    loss = preference_losses.get_loss(config.loss)
+    trl_kwargs = preference_losses.trl_kwargs(config)
     trainer_cls, config_cls = preference_losses.trainer_classes(loss.family)
-    tokenizer = load_tokenizer(args["model_source"], args["chat_template"], args["trust_remote_code"])
-    train_args = training_arguments(
-        config_cls, args,
-        max_length=args["train"]["max_length"],
-        dataset_num_proc=None,
-        keep_columns=loss.family in ("cpo", "orpo"),  # their collator needs the raw columns
-        **args["trl_kwargs"],
-    )
-    peft = PeftConfig(**args["peft"])
-    load = dict(trust_remote_code=args["trust_remote_code"],
-                gradient_checkpointing=args["train"]["gradient_checkpointing"])
-    model = load_model(args["model_source"], peft, args["precision"], **load)
+    train_args = training_arguments(config_cls, job, config, **trl_kwargs,
+                                    keep_columns=loss.family in ("cpo", "orpo"))  # their collator needs raw columns
+    load = dict(trust_remote_code=job.trust_remote_code, gradient_checkpointing=config.train.gradient_checkpointing)
+    model = load_model(job.model_source, config.peft, job.precision, **load)
     ref_model = None
-    if needs_frozen_copy(loss, peft, args["trl_kwargs"]):
-        ref_model = load_model(args["model_source"], peft, args["precision"], **load).eval().requires_grad_(False)
+    if needs_frozen_copy(loss, config.peft, trl_kwargs):
+        ref_model = load_model(job.model_source, config.peft, job.precision, **load).eval().requires_grad_(False)
     trainer = build_trainer(
         loss, trainer_cls, model=model, ref_model=ref_model, args=train_args,
-        train_dataset=training_data.read_dataset(args["train_file"]),
-        eval_dataset=training_data.read_dataset(args["eval_file"]),
-        processing_class=tokenizer, peft_config=peft_config(peft),
+        train_dataset=training_data.read_dataset(job.train_file),
+        eval_dataset=training_data.read_dataset(job.eval_file),
+        processing_class=tokenizer, peft_config=peft_config(config.peft),
     )
-    info = {"reference": reference_kind(loss, trainer, args["trl_kwargs"]), **parameter_counts(trainer)}
+    info = {"reference": reference_kind(loss, trainer, trl_kwargs), **parameter_counts(trainer)}
     if is_rank_zero():
-        print(f"[rayalign] {args['stage']}: loss {loss.name} ({loss.family}), reference: {info['reference']}",
-              flush=True)
-    train_and_save(trainer, args, early_stopping=True)
+        stage_log(job.stage, f"loss {loss.name} ({loss.family}), reference: {info['reference']}")
+    train_and_save(trainer, job, config, early_stopping=True)
     metrics = {}
     if trainer.eval_dataset is not None:
         metrics = {f"heldout_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()
                    if isinstance(v, (int, float)) and k.removeprefix("eval_") not in EVAL_NOISE}
     if is_rank_zero():
         metrics.update(train_examples_used=len(trainer.train_dataset))
-        (Path(args["work_dir"]) / WORKER_INFO).write_text(json.dumps({**info, "metrics": metrics}))
+        (Path(job.work_dir) / WORKER_INFO).write_text(json.dumps({**info, "metrics": metrics}))
 
 
 def needs_frozen_copy(loss, peft, trl_kwargs: dict) -> bool:

@@ -6,7 +6,7 @@ from the training arguments: one source of truth for those numbers.
 
 from __future__ import annotations
 
-from pipeline.spec import DeepSpeedConfig
+from stages.config import DeepSpeedConfig
 
 
 def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:

@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from pipeline.spec import TrainingStageConfig
+from stages.config import TrainingStageConfig
+from stages.job import WorkerJob, worker_arguments
 from stages.models import is_adapter, merge_adapter, resolve_precision
 from stages.stage import StageContext
 
@@ -26,7 +27,7 @@ def upstream_full_model(ctx: StageContext, artifact) -> Path:
     """Full weights of an upstream output, for a stage to start from (an adapter is merged once and cached)."""
     from stages.models import full_model_dir
 
-    return full_model_dir(artifact.path, artifact.model_dir, ctx.spec.run_root() / ".merged")
+    return full_model_dir(artifact.path, artifact.model_dir, ctx.run.run_root / ".merged")
 
 
 def worker_env(ctx: StageContext) -> dict[str, str]:
@@ -37,63 +38,60 @@ def worker_env(ctx: StageContext) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
     }
-    tracking = ctx.spec.tracking
-    run_root = ctx.spec.run_root()
+    tracking = ctx.run.tracking
+    run_root = ctx.run.run_root
     if tracking.backend == "tensorboard":
         env["TENSORBOARD_LOGGING_DIR"] = str(run_root / "tensorboard" / ctx.name)
     elif tracking.backend == "mlflow":
         env["MLFLOW_TRACKING_URI"] = tracking.mlflow_uri or (run_root / "mlruns").as_uri()
-        env["MLFLOW_EXPERIMENT_NAME"] = ctx.spec.name
+        env["MLFLOW_EXPERIMENT_NAME"] = ctx.run.pipeline
         env["MLFLOW_RUN_NAME"] = ctx.name
     elif tracking.backend == "wandb":
-        env["WANDB_PROJECT"] = tracking.project or ctx.spec.name
+        env["WANDB_PROJECT"] = tracking.project or ctx.run.pipeline
         env["WANDB_DIR"] = str(run_root)
         env["WANDB_NAME"] = ctx.name
     return env
 
 
 def report_to(ctx: StageContext) -> str:
-    return ctx.spec.tracking.backend
+    return ctx.run.tracking.backend
 
 
-def common_worker_args(ctx: StageContext, config: TrainingStageConfig, model_source: Path, **extra) -> dict:
-    """The arguments every training worker function takes; stages add their own in ``extra``."""
-    return {
-        "stage": ctx.name,
-        "work_dir": str(ctx.work_dir),
-        "model_dir": str(ctx.model_dir),
-        "model_source": str(model_source),
-        "train": config.train.model_dump(),
-        "peft": config.peft.model_dump(),
-        "deepspeed": config.deepspeed.model_dump(),
-        "chat_template": config.chat_template,
-        "merge": config.merge,
-        "precision": resolve_precision(config.train.precision, config.scaling.use_gpu),
-        "use_gpu": config.scaling.use_gpu,
-        "threads": max(1, int(config.scaling.cpus_per_worker)),
-        "report_to": report_to(ctx),
-        "env": worker_env(ctx),
-        "trust_remote_code": ctx.spec.base.trust_remote_code,
-        **extra,
-    }
+def worker_job(ctx: StageContext, config: TrainingStageConfig, model_source: Path, job_cls: type[WorkerJob] = WorkerJob,
+               **fields) -> WorkerJob:
+    """What every training worker is told besides the config; stages add their own ``fields``."""
+    return job_cls(
+        stage=ctx.name,
+        work_dir=str(ctx.work_dir),
+        model_dir=str(fields.pop("model_dir", ctx.model_dir)),
+        model_source=str(model_source),
+        precision=resolve_precision(config.train.precision, config.scaling.use_gpu),
+        threads=max(1, int(config.scaling.cpus_per_worker)),
+        report_to=report_to(ctx),
+        env=worker_env(ctx),
+        trust_remote_code=ctx.run.trust_remote_code,
+        **fields,
+    )
 
 
 def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: Callable[[dict], None],
-           args: dict) -> dict:
-    """Run ``train_fn_per_worker`` on a Ray Train worker group; returns rank 0's training log."""
+           job: WorkerJob, **handles) -> dict:
+    """Run ``train_fn_per_worker`` on a Ray Train worker group; returns rank 0's training log.
+
+    The worker gets :func:`stages.job.worker_arguments`: the job and the config as JSON, and ``handles``
+    (Ray actors) as they are.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import ensure_ray
-
-    ensure_ray(ctx.spec)
+    ctx.run.connect_ray()
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1
     trainer = TorchTrainer(
         train_loop_per_worker=train_fn_per_worker,
-        train_loop_config=args,
+        train_loop_config=worker_arguments(job, config, **handles),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
@@ -103,7 +101,7 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
             storage_path=str(ctx.work_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            worker_runtime_env={"env_vars": args["env"]},
+            worker_runtime_env={"env_vars": job.env},
         ),
     )
     ctx.log(f"Ray Train: {scaling.num_workers} worker(s), {resources} each, ZeRO {config.deepspeed.zero_stage}, "
@@ -116,6 +114,6 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
         shutil.rmtree(ctx.work_dir / transient, ignore_errors=True)
     if config.merge and is_adapter(ctx.model_dir):
         # In the driver: inside a ZeRO-3 worker, from_pretrained would wait on the other ranks.
-        merge_adapter(ctx.model_dir, ctx.work_dir / "merged", trust_remote_code=ctx.spec.base.trust_remote_code)
+        merge_adapter(ctx.model_dir, ctx.work_dir / "merged", trust_remote_code=ctx.run.trust_remote_code)
         ctx.log(f"merged the adapter into {ctx.work_dir / 'merged'}")
     return log

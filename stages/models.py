@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from stages.config import PeftConfig
 
-from pipeline.spec import PeftConfig
+if TYPE_CHECKING:  # torch is imported where it is used: loading a config must not pull it in
+    import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -22,6 +24,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def bf16_supported(use_gpu: bool) -> bool:
+    import torch
+
     if use_gpu:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     # CPUs without native bf16 (no AVX512-BF16/AMX) emulate it slowly; fp32 is the better choice there.
@@ -39,6 +43,8 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
 
 
 def torch_dtype(precision: str) -> torch.dtype:
+    import torch
+
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
@@ -60,12 +66,22 @@ def load_tokenizer(model_dir: str | Path, chat_template: str | None = None, trus
 # --------------------------------------------------------------------------- PEFT
 
 
-def peft_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM"):
-    """The ``peft`` config for a stage's ``peft`` section; None for full fine-tuning."""
-    import peft
+def peft_config(cfg: PeftConfig, head: str = "lm"):
+    """The ``peft`` config for a stage's ``peft`` section; None for full fine-tuning.
 
+    ``head="reward"``: a sequence classifier, whose new ``score`` head is trained and saved in full.
+    """
     if cfg.method == "full":
         return None
+    config = _peft_config(cfg, "SEQ_CLS" if head == "reward" else "CAUSAL_LM")
+    if head == "reward" and hasattr(config, "modules_to_save"):
+        config.modules_to_save = sorted({*(config.modules_to_save or []), "score"})
+    return config
+
+
+def _peft_config(cfg: PeftConfig, task_type: str):
+    import peft
+
     if cfg.method in ("lora", "qlora", "dora"):
         return peft.LoraConfig(
             r=cfg.r,
@@ -90,7 +106,7 @@ def model_init_kwargs(cfg: PeftConfig, precision: str, trust_remote_code: bool) 
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        compute = torch.float32 if precision == "fp32" else torch_dtype(precision)
+        compute = torch_dtype("fp32" if precision == "fp32" else precision)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -142,7 +158,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, trust_remote_cod
     task_type = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("task_type")
     loader = AutoPeftModelForSequenceClassification if task_type == "SEQ_CLS" else AutoPeftModelForCausalLM
     extra = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
-    model = loader.from_pretrained(str(adapter_dir), dtype=torch.float32, trust_remote_code=trust_remote_code, **extra)
+    model = loader.from_pretrained(str(adapter_dir), dtype=torch_dtype("fp32"), trust_remote_code=trust_remote_code, **extra)
     model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
     if out_dir.exists():

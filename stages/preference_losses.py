@@ -19,7 +19,7 @@ Families (what TRL 1.16 offers):
   * ``kto``  -- ``trl.KTOTrainer``: unpaired data (record kind ``kto``: prompt, completion, label),
     reference like ``dpo``, a batch KL estimate, ``desirable_weight``/``undesirable_weight``.
 
-No heavy imports here: ``pipeline.spec`` validates a stage's ``loss`` against this table.
+No heavy imports here: ``stages.dpo.DPOConfig`` validates its ``loss`` against this table.
 """
 
 from __future__ import annotations

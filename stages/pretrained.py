@@ -6,16 +6,20 @@ offline (tokenizer, Llama, brief pretraining) into the store and cached like any
 
 from __future__ import annotations
 
-from stages.stage import StageContext, StageResult
+from stages.config import BaseConfig
+from stages.stage import StageContext, StageKind, StageResult
 
 # Builtin base name -> version of its recipe (part of the cache key: bump when the model changes).
 BUILTIN_BASES = {"tiny-llama": "2"}
+
+# The base node: configured by the pipeline's top-level `base:` section, never listed under `stages:`.
+STAGE = StageKind("base", BaseConfig, run="stages.pretrained:run")
 
 
 def run(ctx: StageContext) -> StageResult:
     from stages.tiny_base import build_tiny_base
 
-    base = ctx.spec.base
+    base: BaseConfig = ctx.config
     name = base.model.removeprefix("builtin:")
     if name not in BUILTIN_BASES:
         raise ValueError(f"base.model: unknown builtin base {name!r}; builtin bases: {', '.join(BUILTIN_BASES)}")

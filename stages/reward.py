@@ -25,57 +25,55 @@ import math
 import shutil
 from pathlib import Path
 
-from pipeline.spec import DataConfig, RewardConfig
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
 from stages import launcher, training_data
-from stages.stage import StageContext, StageResult
+from stages.config import TrainingStageConfig
+from stages.job import RewardJob
+from stages.stage import StageContext, StageKind, StageResult
 from stages.training_curves import summarize_training
+
+
+class RewardConfig(TrainingStageConfig):
+    """A Bradley-Terry reward model (TRL ``RewardTrainer``) on preference pairs; see ``stages.reward``."""
+
+    kind: Literal["reward"] = "reward"
+    data_inputs: ClassVar[dict[str, str]] = {"data": "preference"}
+    use_margin: bool = Field(True, description="Subtract the pairs' margin column (when present) inside the loss.")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0.0, description="Weight of the centering term mean((r_chosen + r_rejected)^2); None disables it."
+    )
+
+
+STAGE = StageKind("reward", RewardConfig, run="stages.reward:run")
 
 
 
 def run(ctx: StageContext) -> StageResult:
     config: RewardConfig = ctx.config
-    data_config = with_default_eval(config.data)
+    data_config = training_data.with_default_eval(config.data)
     data = training_data.prepare(ctx, data_config, "preference", seed=config.train.seed)
     model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
     uses_peft = config.peft.method != "full"
-    args = launcher.common_worker_args(
-        ctx, config, model_source,
+    job = launcher.worker_job(
+        ctx, config, model_source, RewardJob,
         # Trained weights (the adapter under PEFT) go to adapter/; model/ gets the merged classifier.
         model_dir=str(ctx.work_dir / "adapter") if uses_peft else str(ctx.model_dir),
         final_model_dir=str(ctx.model_dir),
-        merge=False,  # merged here with the sequence-classification head, not the causal-LM one
         train_file=str(data.train_file),
         eval_file=str(data.eval_file) if data.eval_file else None,
-        has_eval=periodic_eval(config, data),
-        use_margin=config.use_margin,
-        center_rewards_coefficient=config.center_rewards_coefficient,
-        eval_task=held_out_task(data_config),
+        has_eval=training_data.periodic_eval(config, data),
+        eval_task=training_data.held_out_task(data_config),
     )
-    log = launcher.launch(ctx, config, train_reward_worker, args)
+    log = launcher.launch(ctx, config, train_reward_worker, job)
     info = json.loads((ctx.work_dir / launcher.WORKER_INFO).read_text())
     if "heldout_accuracy" in info["metrics"]:
         ctx.log(describe_heldout(info["metrics"]))
     result = summarize_training(ctx, config, log, data.summary, extra_metrics=info["metrics"])
     result.manifest.update(head="reward", adapter_dir="adapter" if uses_peft else None)
     return result
-
-
-def with_default_eval(data: DataConfig) -> DataConfig:
-    """A builtin task source with no held-out data configured is evaluated on the task's test split."""
-    if data.eval_path or data.eval_fraction > 0 or not data.path.startswith("builtin:"):
-        return data
-    from stages.data.loader import parse_builtin
-
-    name, split = parse_builtin(data.path)
-    return data if split == "test" else data.model_copy(update={"eval_path": f"builtin:{name}/test"})
-
-
-def held_out_task(data: DataConfig) -> str | None:
-    """The built-in task the held-out pairs come from (their categories go into the metrics), if any."""
-    from stages.data.loader import parse_builtin
-
-    source = data.eval_path or (data.path if data.eval_fraction > 0 else None)
-    return parse_builtin(source)[0] if source and source.startswith("builtin:") else None
 
 
 def describe_heldout(metrics: dict) -> str:
@@ -86,11 +84,6 @@ def describe_heldout(metrics: dict) -> str:
             + (f" ({by_category})" if by_category else "") + f", mean margin {metrics['heldout_margin']:.3f}")
 
 
-def periodic_eval(config, data) -> bool:
-    """Evaluate during training only when asked (eval_steps or early stopping); the final held-out pass always runs."""
-    return data.eval_file is not None and bool(config.train.eval_steps or config.train.early_stopping_patience)
-
-
 # --------------------------------------------------------------------------- worker side
 
 
@@ -99,44 +92,36 @@ def train_reward_worker(args: dict) -> None:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from pipeline.spec import PeftConfig
-    from stages.models import load_model, load_tokenizer
-    from stages.worker import is_rank_zero, setup_worker, train_and_save, training_arguments
+    from stages.models import load_model, peft_config
+    from stages.worker import is_rank_zero, start_worker, train_and_save, training_arguments
 
-    setup_worker(args)
-    tokenizer = load_tokenizer(args["model_source"], args["chat_template"], args["trust_remote_code"])
-    train_args = training_arguments(
-        TRLRewardConfig, args,
-        max_length=args["train"]["max_length"],
-        center_rewards_coefficient=args["center_rewards_coefficient"],
-        dataset_num_proc=None,
-    )
-    peft = PeftConfig(**args["peft"])
-    model = load_model(args["model_source"], peft, args["precision"], head="reward",
-                       trust_remote_code=args["trust_remote_code"],
-                       gradient_checkpointing=args["train"]["gradient_checkpointing"])
+    job, config, tokenizer = start_worker(args, RewardConfig, RewardJob)
+    train_args = training_arguments(TRLRewardConfig, job, config,
+                                    center_rewards_coefficient=config.center_rewards_coefficient)
+    model = load_model(job.model_source, config.peft, job.precision, head="reward",
+                       trust_remote_code=job.trust_remote_code,
+                       gradient_checkpointing=config.train.gradient_checkpointing)
     model.config.pad_token_id = tokenizer.pad_token_id
-    train_pairs = pairs_dataset(args["train_file"], args["use_margin"])
+    train_pairs = pairs_dataset(job.train_file, config.use_margin)
     trainer = RewardTrainer(
         model=model,
         args=train_args,
         train_dataset=train_pairs,
-        eval_dataset=pairs_dataset(args["eval_file"], args["use_margin"]) if args["has_eval"] else None,
+        eval_dataset=pairs_dataset(job.eval_file, config.use_margin) if job.has_eval else None,
         processing_class=tokenizer,
-        peft_config=reward_peft_config(peft),
+        peft_config=peft_config(config.peft, head="reward"),
     )
-    train_and_save(trainer, args, early_stopping=True)
+    train_and_save(trainer, job, config, early_stopping=True)
     if is_rank_zero():
-        final_dir = Path(args["final_model_dir"])
-        if Path(args["model_dir"]) != final_dir:
-            merge_reward_adapter(args["model_dir"], final_dir, tokenizer, args["trust_remote_code"])
+        final_dir = Path(job.final_model_dir)
+        if Path(job.model_dir) != final_dir:
+            merge_reward_adapter(job.model_dir, final_dir, tokenizer, job.trust_remote_code)
         metrics = {"train_pairs_used": len(trainer.train_dataset),
                    "train_pairs_too_long": len(train_pairs) - len(trainer.train_dataset)}
-        if args["eval_file"]:
-            categories = pair_categories(args["eval_file"], args["eval_task"]) if args["eval_task"] else None
-            metrics.update(score_pairs(final_dir, args["eval_file"], args["train"]["max_length"],
-                                       categories=categories))
-        (Path(args["work_dir"]) / launcher.WORKER_INFO).write_text(json.dumps({"metrics": metrics}))
+        if job.eval_file:
+            categories = pair_categories(job.eval_file, job.eval_task) if job.eval_task else None
+            metrics.update(score_pairs(final_dir, job.eval_file, config.train.max_length, categories=categories))
+        (Path(job.work_dir) / launcher.WORKER_INFO).write_text(json.dumps({"metrics": metrics}))
 
 
 def pairs_dataset(path: str | None, use_margin: bool):
@@ -147,16 +132,6 @@ def pairs_dataset(path: str | None, use_margin: bool):
     if not use_margin:
         return dataset.remove_columns("margin")
     return dataset.map(lambda row: {"margin": float(row["margin"] or 0.0)})
-
-
-def reward_peft_config(peft):
-    """The PEFT config for a sequence classifier: the new ``score`` head is trained and saved in full."""
-    from stages.models import peft_config
-
-    config = peft_config(peft, task_type="SEQ_CLS")
-    if config is not None and hasattr(config, "modules_to_save"):
-        config.modules_to_save = sorted({*(config.modules_to_save or []), "score"})
-    return config
 
 
 def merge_reward_adapter(adapter_dir: str | Path, out_dir: str | Path, tokenizer, trust_remote_code: bool = False):

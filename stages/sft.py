@@ -7,10 +7,25 @@ stage's PEFT method under DeepSpeed ZeRO, save the adapter (and the merged model
 
 from __future__ import annotations
 
-from pipeline.spec import SFTConfig
+from typing import ClassVar, Literal
+
 from stages import launcher, training_data
-from stages.stage import StageContext, StageResult
+from stages.config import TrainingStageConfig
+from stages.stage import StageContext, StageKind, StageResult
 from stages.training_curves import summarize_training
+
+
+class SFTConfig(TrainingStageConfig):
+    """Instruction SFT (TRL ``SFTTrainer``) on conversations."""
+
+    kind: Literal["sft"] = "sft"
+    assistant_only_loss: bool = True
+    packing: bool = False
+
+    data_inputs: ClassVar[dict[str, str]] = {"data": "sft"}
+
+
+STAGE = StageKind("sft", SFTConfig, run="stages.sft:run")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -18,15 +33,13 @@ def run(ctx: StageContext) -> StageResult:
     data = training_data.prepare(ctx, config.data, "sft", seed=config.train.seed)
     source = ctx.inputs["from"]
     model_source = launcher.upstream_full_model(ctx, source)
-    args = launcher.common_worker_args(
+    job = launcher.worker_job(
         ctx, config, model_source,
         train_file=str(data.train_file),
         eval_file=str(data.eval_file) if data.eval_file else None,
         has_eval=data.eval_file is not None,
-        assistant_only_loss=config.assistant_only_loss,
-        packing=config.packing,
     )
-    log = launcher.launch(ctx, config, train_sft_worker, args)
+    log = launcher.launch(ctx, config, train_sft_worker, job)
     return summarize_training(ctx, config, log, data.summary)
 
 
@@ -35,28 +48,20 @@ def train_sft_worker(args: dict) -> None:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from stages.models import load_model, load_tokenizer, peft_config
-    from stages.worker import setup_worker, train_and_save, training_arguments
-    from pipeline.spec import PeftConfig
+    from stages.models import load_model, peft_config
+    from stages.worker import start_worker, train_and_save, training_arguments
 
-    setup_worker(args)
-    tokenizer = load_tokenizer(args["model_source"], args["chat_template"], args["trust_remote_code"])
-    train_args = training_arguments(
-        TRLSFTConfig, args,
-        max_length=args["train"]["max_length"],
-        assistant_only_loss=args["assistant_only_loss"],
-        packing=args["packing"],
-        dataset_num_proc=None,
-    )
-    peft = PeftConfig(**args["peft"])
-    model = load_model(args["model_source"], peft, args["precision"], trust_remote_code=args["trust_remote_code"],
-                       gradient_checkpointing=args["train"]["gradient_checkpointing"])
+    job, config, tokenizer = start_worker(args, SFTConfig)
+    train_args = training_arguments(TRLSFTConfig, job, config, assistant_only_loss=config.assistant_only_loss,
+                                    packing=config.packing)
+    model = load_model(job.model_source, config.peft, job.precision, trust_remote_code=job.trust_remote_code,
+                       gradient_checkpointing=config.train.gradient_checkpointing)
     trainer = SFTTrainer(
         model=model,
         args=train_args,
-        train_dataset=training_data.read_dataset(args["train_file"]),
-        eval_dataset=training_data.read_dataset(args["eval_file"]),
+        train_dataset=training_data.read_dataset(job.train_file),
+        eval_dataset=training_data.read_dataset(job.eval_file),
         processing_class=tokenizer,
-        peft_config=peft_config(peft),
+        peft_config=peft_config(config.peft),
     )
-    train_and_save(trainer, args, early_stopping=True)
+    train_and_save(trainer, job, config, early_stopping=True)

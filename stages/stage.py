@@ -1,51 +1,68 @@
-"""What a stage is: a function ``run(ctx) -> StageResult`` registered under its kind.
+"""What a stage is: a kind with its config class and a ``run(ctx) -> StageResult``.
 
-The runner builds a :class:`StageContext` (the typed config, the upstream artifacts, the folder
-to write into) and calls the stage's ``run``; the stage writes a Hugging Face folder to
-``ctx.model_dir`` and returns its metrics. The runner owns fingerprints, caching and the manifest.
+Each stage module declares ``STAGE = StageKind(...)`` next to its config class; ``stages.registry``
+collects them. The runner (``pipeline.runner``) builds a :class:`StageContext` -- the typed config,
+the upstream artifacts, the folder to write into and the run's services -- and calls the stage's
+``run``; the stage writes a Hugging Face folder to ``ctx.model_dir`` and returns its metrics. The
+runner owns fingerprints, caching and the manifest; a stage never imports ``pipeline``.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
-from pipeline.spec import DataConfig, PipelineSpec, StageConfig
-from pipeline.store import Artifact
+from stages.config import BaseConfig, ConfigModel, DataConfig, StageConfig, TrackingConfig
+from stages.log import stage_log
 
-# Stage kind -> "module:function". Imported lazily: a stage's heavy imports load only when it runs.
-STAGE_RUNNERS: dict[str, str] = {
-    "base": "stages.pretrained:run",
-    "sft": "stages.sft:run",
-    "reward": "stages.reward:run",
-    "dpo": "stages.dpo:run",
-    "ppo": "stages.ppo.stage:run",
-    "eval": "stages.evaluate.stage:run",
-}
 
-# Stage kind -> {config field holding a DataConfig: the record kind the loader must produce}.
-DATA_KINDS: dict[str, dict[str, str]] = {
-    "sft": {"data": "sft"},
-    "reward": {"data": "preference"},
-    "dpo": {"data": "preference"},  # DPOConfig.record_kind: "kto" for the kto loss
-    "ppo": {"prompts": "prompt"},
-    # task_data: EvalConfig property, the tasks' prompt files (builtin:<task>/test by default)
-    "eval": {"prompts": "prompt", "task_data": "prompt", "sft_data": "sft", "preference_data": "preference"},
-}
+class UpstreamArtifact(Protocol):
+    """An upstream stage's output as the runner hands it over (``pipeline.store.Artifact``)."""
+
+    stage: str
+    fingerprint: str
+    path: Path
+    manifest: dict
+
+    @property
+    def model_dir(self) -> Path: ...
+
+    @property
+    def metrics(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class RunServices:
+    """What a stage may know of the run around it, and the run's services, lent by the runner."""
+
+    pipeline: str  # the pipeline's name
+    run_root: Path  # <storage>/<name>: adapters merged for reuse go to <run_root>/.merged
+    base: BaseConfig
+    tracking: TrackingConfig
+    stage_kinds: Mapping[str, str]  # every stage of the pipeline -> its kind
+    resolve_path: Callable[[str], str]  # a path as written in the file -> absolute
+    connect_ray: Callable[[], None]  # start or join Ray (a no-op once connected)
+    fingerprint: Callable[[Any], str]  # the store's content hash
+    data_fingerprint: Callable[[str], str]  # content hash of a data source
+    earlier_outputs: Callable[[str], list[Path]]  # a stage's complete artifact folders, newest first
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.base.trust_remote_code
 
 
 @dataclass
 class StageContext:
     name: str
-    config: StageConfig | None  # None for the base node
-    spec: PipelineSpec
-    inputs: dict[str, Artifact]  # role ("from", "reward", ...) -> upstream artifact
+    config: ConfigModel  # the stage's config (BaseConfig for the base node)
+    inputs: dict[str, UpstreamArtifact]  # role ("from", "reward", ...) -> upstream artifact
     work_dir: Path  # the partial artifact folder; survives a crash so the stage can resume
     fingerprint: str
+    run: RunServices
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -53,12 +70,11 @@ class StageContext:
         return self.work_dir / "model"
 
     def resolve(self, path: str) -> str:
-        return self.spec.resolve_path(path)
+        return self.run.resolve_path(path)
 
     def log(self, message: str) -> None:
         """One progress line, with the seconds since the stage started (where its time goes)."""
-        print(f"[rayalign] {self.name} +{time.monotonic() - self.started:.0f}s: {message}", file=sys.stderr,
-              flush=True)
+        stage_log(self.name, message, self.started)
 
 
 @dataclass
@@ -69,20 +85,32 @@ class StageResult:
     manifest: dict[str, Any] = field(default_factory=dict)  # extra manifest keys (model_type, ...)
 
 
-def stage_runner(kind: str) -> Callable[[StageContext], StageResult]:
-    target = STAGE_RUNNERS.get(kind)
-    if target is None:
-        raise KeyError(f"no runner for stage kind {kind!r}; known: {', '.join(sorted(STAGE_RUNNERS))}")
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
+@dataclass(frozen=True)
+class StageKind:
+    """One registry entry: a stage kind, its config class and its ``run``.
+
+    ``run`` is ``"module:function"``, imported when the stage runs, so that loading a pipeline file
+    does not import torch. The data inputs are the config class's ``data_inputs``.
+    """
+
+    kind: str
+    config: type[ConfigModel]
+    run: str
+
+    def runner(self) -> Callable[[StageContext], StageResult]:
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    @property
+    def data_inputs(self) -> Mapping[str, str]:
+        return getattr(self.config, "data_inputs", {})
 
 
 def data_sources(config: StageConfig) -> dict[str, tuple[DataConfig, str]]:
     """Config field -> (its DataConfig, the record kind the stage needs), for every data input."""
     sources = {}
-    for field_name, record_kind in DATA_KINDS.get(config.kind, {}).items():
-        if hasattr(config, "record_kind"):  # a config whose settings choose the record kind (dpo loss: kto)
-            record_kind = config.record_kind(field_name, record_kind)
+    for field_name, default_kind in config.data_inputs.items():
+        record_kind = config.record_kind(field_name, default_kind)
         value = getattr(config, field_name, None)
         for i, data in enumerate(value if isinstance(value, list) else [value]):
             if isinstance(data, DataConfig):

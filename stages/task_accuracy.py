@@ -6,8 +6,10 @@ intervals, sampling settings and Ray Data.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
+
+from stages.chat_templates import conversation_ids
+from stages.tasks.grading import grade, verifier_accuracy
 
 
 def heldout_accuracy(model_dir: Path, task_name: str, limit: int | None = None, max_new_tokens: int = 8) -> dict:
@@ -22,19 +24,14 @@ def heldout_accuracy(model_dir: Path, task_name: str, limit: int | None = None, 
         engine.update_weights(str(model_dir))
     else:
         engine = create_engine("hf", model_dir)
-    texts = [engine.tokenizer.apply_chat_template([m.to_dict() for m in p.prompt], tokenize=False,
-                                                  add_generation_prompt=True) for p in prompts]
-    rollouts = engine.generate(texts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    ids = [conversation_ids(engine.tokenizer, [m.to_dict() for m in p.prompt], add_generation_prompt=True)
+           for p in prompts]
+    rollouts = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     engine.close()
-    correct, total = Counter(), Counter()
-    for prompt, rollout in zip(prompts, rollouts):
-        category = task.category(prompt)
-        total[category] += 1
-        correct[category] += int(task.verify(prompt, rollout.response_text))
-    n = sum(total.values())
+    graded = verifier_accuracy(*grade(task, prompts, [r.response_text for r in rollouts]))
     return {
-        "accuracy": sum(correct.values()) / n,
-        "correct": sum(correct.values()),
-        "total": n,
-        "by_category": {c: correct[c] / total[c] for c in sorted(total)},
+        "accuracy": graded["accuracy"],
+        "correct": graded["correct"],
+        "total": graded["n"],
+        "by_category": {c: v["accuracy"] for c, v in graded["categories"].items()},
     }

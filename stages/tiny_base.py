@@ -243,30 +243,16 @@ def build_tiny_base(
         raise FileExistsError(f"{out_dir} already holds a model and overwrite=False")
     started = time.monotonic()
     tokenizer = build_char_tokenizer(model_max_length=max_position_embeddings)
-    model = build_llama(
-        tokenizer,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        seed=seed,
-    )
+    model = build_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings, seed=seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         curve = []
         if pretrain_steps > 0:
             with _intra_op_threads(torch_threads):
-                curve = pretrain(
-                    model,
-                    tokenizer,
-                    steps=pretrain_steps,
-                    batch_size=pretrain_batch_size,
-                    learning_rate=pretrain_learning_rate,
-                    seed=seed,
-                    work_dir=staging / "_trainer",
-                )
+                curve = pretrain(model, tokenizer, steps=pretrain_steps, batch_size=pretrain_batch_size,
+                                 learning_rate=pretrain_learning_rate, seed=seed, work_dir=staging / "_trainer")
             shutil.rmtree(staging / "_trainer", ignore_errors=True)
         model.eval()
         metrics = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.spec import TrainingStageConfig
+from stages.config import TrainingStageConfig
 from stages.models import is_adapter
 from stages.stage import StageContext, StageResult
 

@@ -11,7 +11,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.spec import DataConfig
+from stages.config import DataConfig
+from stages.files import write_jsonl
+from stages.sources import load_records, parse_builtin
 from stages.stage import StageContext
 
 
@@ -23,8 +25,6 @@ class PreparedData:
 
 
 def load(ctx: StageContext, data: DataConfig, kind: str):
-    from stages.data import load_records
-
     return load_records(ctx.resolve(data.path), kind, format=data.format, limit=data.limit)
 
 
@@ -35,8 +35,6 @@ def prepare(ctx: StageContext, data: DataConfig, kind: str, seed: int = 0) -> Pr
     summary = loaded.summary()
     eval_records: list = []
     if data.eval_path:
-        from stages.data import load_records
-
         held_out = load_records(ctx.resolve(data.eval_path), kind, format=data.format)
         eval_records = list(held_out.records)
         summary["eval"] = held_out.summary()
@@ -48,21 +46,12 @@ def prepare(ctx: StageContext, data: DataConfig, kind: str, seed: int = 0) -> Pr
         raise ValueError(f"{data.path}: no usable {kind} records (skipped: {loaded.skipped})")
     folder = ctx.work_dir / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    train_file = write_jsonl(folder / "train.jsonl", records)
-    eval_file = write_jsonl(folder / "eval.jsonl", eval_records) if eval_records else None
+    train_file = write_jsonl(folder / "train.jsonl", (r.to_trl() for r in records))
+    eval_file = write_jsonl(folder / "eval.jsonl", (r.to_trl() for r in eval_records)) if eval_records else None
     summary.update(train_records=len(records), eval_records=len(eval_records))
     ctx.log(f"data {data.path}: {summary['read']} read, {len(records)} train, {len(eval_records)} held out, "
             f"skipped {summary['skipped'] or 'none'}")
     return PreparedData(train_file=train_file, eval_file=eval_file, summary=summary)
-
-
-def write_jsonl(path: Path, records) -> Path:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_trl()) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def read_dataset(path: str | None):
@@ -73,3 +62,22 @@ def read_dataset(path: str | None):
 
     with open(path) as handle:
         return Dataset.from_list([json.loads(line) for line in handle])
+
+
+def with_default_eval(data: DataConfig) -> DataConfig:
+    """A builtin task source with no held-out data configured is evaluated on the task's test split."""
+    if data.eval_path or data.eval_fraction > 0 or not data.path.startswith("builtin:"):
+        return data
+    name, split = parse_builtin(data.path)
+    return data if split == "test" else data.model_copy(update={"eval_path": f"builtin:{name}/test"})
+
+
+def held_out_task(data: DataConfig) -> str | None:
+    """The built-in task the held-out pairs come from (their categories go into the metrics), if any."""
+    source = data.eval_path or (data.path if data.eval_fraction > 0 else None)
+    return parse_builtin(source)[0] if source and source.startswith("builtin:") else None
+
+
+def periodic_eval(config, data) -> bool:
+    """Evaluate during training only when asked (eval_steps or early stopping); the final held-out pass always runs."""
+    return data.eval_file is not None and bool(config.train.eval_steps or config.train.early_stopping_patience)

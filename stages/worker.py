@@ -2,11 +2,12 @@
 
 A stage's ``train_fn_per_worker`` reads like a recipe::
 
-    setup_worker(args)
-    train_args = training_arguments(DPOConfig, args, beta=...)
+    job, config = worker_inputs(args, DPOConfig)   # typed, validated once
+    setup_worker(job)
+    train_args = training_arguments(trl.DPOConfig, job, config, beta=...)
     model = load_model(...)
     trainer = DPOTrainer(model=model, args=train_args, ...)
-    train_and_save(trainer, args)
+    train_and_save(trainer, job, config)
 """
 
 from __future__ import annotations
@@ -16,14 +17,34 @@ import os
 import time
 from pathlib import Path
 
+from stages.config import TrainingStageConfig
+from stages.ds_config import deepspeed_config
+from stages.job import StageConfigT, WorkerJob, worker_inputs
 from stages.launcher import TRAIN_LOG
+from stages.log import configure as configure_logging
+from stages.log import stage_log
 
 
-def setup_worker(args: dict) -> None:
+def start_worker(args: dict, config_cls: type[StageConfigT], job_cls: type[WorkerJob] = WorkerJob):
+    """A training worker's first lines: its typed job and config, the environment, the tokenizer."""
+    from stages.models import load_tokenizer
+
+    from transformers import set_seed
+
+    job, config = worker_inputs(args, config_cls, job_cls)
+    setup_worker(job)
+    # Before any model loads: a new head (the reward model's score layer) is initialised from this seed,
+    # so a stage rerun with the same fingerprint trains the same model.
+    set_seed(config.train.seed)
+    return job, config, load_tokenizer(job.model_source, config.chat_template, job.trust_remote_code)
+
+
+def setup_worker(job: WorkerJob) -> None:
     import torch
 
-    os.environ.update(args.get("env", {}))
-    torch.set_num_threads(args["threads"])
+    os.environ.update(job.env)
+    torch.set_num_threads(job.threads)
+    configure_logging()
     from datasets.utils.logging import disable_progress_bar
     from transformers.utils import logging as hf_logging
 
@@ -37,38 +58,34 @@ def is_rank_zero() -> bool:
     return ray.train.get_context().get_world_rank() == 0
 
 
-def training_arguments(config_cls, args: dict, **stage_fields):
+def training_arguments(trl_config_cls, job: WorkerJob, config: TrainingStageConfig, **stage_fields):
     """The TRL/HF training arguments for a worker, built from the stage's typed ``train`` section.
 
     Every stage's trainer config is built here so that they agree on schedule, precision,
-    DeepSpeed, checkpointing and tracking.
+    DeepSpeed, checkpointing, sequence length and tracking; ``stage_fields`` are the trainer's own.
     """
-    from stages.ds_config import deepspeed_config
-    from pipeline.spec import DeepSpeedConfig
-
-    train = args["train"]
-    precision = args["precision"]
-    length = {"max_steps": train["max_steps"]} if train["max_steps"] else {"num_train_epochs": train["epochs"]}
-    save_steps = train["save_steps"]
-    evaluate = bool(args.get("has_eval"))
-    eval_steps = train["eval_steps"] or train["logging_steps"]
-    early_stopping = bool(evaluate and train["early_stopping_patience"])
+    train = config.train
+    length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
+    save_steps = train.save_steps
+    evaluate = job.has_eval
+    eval_steps = train.eval_steps or train.logging_steps
+    early_stopping = bool(evaluate and train.early_stopping_patience)
     if early_stopping and (save_steps is None or save_steps % eval_steps):
         save_steps = eval_steps  # keeping the best model needs a checkpoint at every evaluation
     kwargs = dict(
-        output_dir=str(Path(args["work_dir"]) / "checkpoints"),
-        learning_rate=train["lr"],
-        lr_scheduler_type=train["lr_schedule"],
-        lr_scheduler_kwargs={"min_lr_rate": 0.1} if train["lr_schedule"] == "cosine_with_min_lr" else None,
-        warmup_steps=train["warmup_ratio"],  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=train["weight_decay"],
-        max_grad_norm=train["max_grad_norm"],
-        per_device_train_batch_size=train["batch_size"],
-        per_device_eval_batch_size=train["batch_size"],
-        gradient_accumulation_steps=train["grad_accum"],
-        seed=train["seed"],
-        data_seed=train["seed"],
-        logging_steps=train["logging_steps"],
+        output_dir=str(Path(job.work_dir) / "checkpoints"),
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_schedule,
+        lr_scheduler_kwargs={"min_lr_rate": 0.1} if train.lr_schedule == "cosine_with_min_lr" else None,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         save_total_limit=1,
@@ -76,29 +93,31 @@ def training_arguments(config_cls, args: dict, **stage_fields):
         eval_steps=eval_steps,
         load_best_model_at_end=early_stopping,
         metric_for_best_model="eval_loss" if evaluate else None,
-        gradient_checkpointing=train["gradient_checkpointing"],
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not args["use_gpu"],
-        deepspeed=deepspeed_config(DeepSpeedConfig(**args["deepspeed"])),
-        report_to=[] if args["report_to"] == "none" else [args["report_to"]],
-        run_name=args["stage"],
+        gradient_checkpointing=train.gradient_checkpointing,
+        bf16=job.precision == "bf16",
+        fp16=job.precision == "fp16",
+        use_cpu=not config.scaling.use_gpu,
+        deepspeed=deepspeed_config(config.deepspeed),
+        report_to=[] if job.report_to == "none" else [job.report_to],
+        run_name=job.stage,
         disable_tqdm=True,  # the progress callback prints one line per log step instead
         dataloader_num_workers=0,
         remove_unused_columns=False if stage_fields.pop("keep_columns", False) else True,
+        max_length=train.max_length,
+        dataset_num_proc=None,  # tokenized in the worker's own process (Ray Train holds its CPUs)
         **length,
         **stage_fields,
     )
     if save_steps is None:
         kwargs.pop("save_steps")
-    config = config_cls(**kwargs)
-    if config.deepspeed:
+    arguments = trl_config_cls(**kwargs)
+    if arguments.deepspeed:
         # DeepSpeed must see the real world size before the model loads (ZeRO-3 on gloo otherwise
         # fails its batch-size check); harmless for the other stages.
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if args["use_gpu"] else "gloo")
-    return config
+        deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo")
+    return arguments
 
 
 class ProgressCallback:
@@ -119,14 +138,12 @@ class ProgressCallback:
                     if isinstance(v, (int, float)) and k in ("loss", "eval_loss", "learning_rate", "grad_norm",
                                                              "rewards/accuracies", "rewards/margins", "accuracy")
                 )
-                elapsed = time.monotonic() - self.start
-                print(f"[rayalign] {stage}: step {state.global_step}/{state.max_steps} {shown} "
-                      f"elapsed {elapsed:.1f}s", flush=True)
+                stage_log(stage, f"step {state.global_step}/{state.max_steps} {shown}", self.start)
 
         return _Progress()
 
 
-def resume_checkpoint(args: dict) -> str | None:
+def resume_checkpoint(job: WorkerJob) -> str | None:
     """The checkpoint to resume from: Ray's last reported one, else the newest complete one in the
     output folder (a checkpoint cut off mid-write has no ``trainer_state.json`` and is ignored)."""
     import ray.train
@@ -136,7 +153,7 @@ def resume_checkpoint(args: dict) -> str | None:
         path = Path(checkpoint.path) / "checkpoint"
         if (path / "trainer_state.json").exists():
             return str(path)
-    output_dir = Path(args["work_dir"]) / "checkpoints"
+    output_dir = Path(job.work_dir) / "checkpoints"
     complete = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if complete else None
 
@@ -148,26 +165,26 @@ def checkpoint_step(checkpoint: str | None) -> int | None:
     return json.loads(state.read_text())["global_step"] if state.exists() else None
 
 
-def train_and_save(trainer, args: dict, early_stopping: bool = False) -> None:
+def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_stopping: bool = False) -> None:
     """Train (resuming if a checkpoint exists), save the HF folder, and write the training log."""
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # replaced by the one-line progress callback
-    trainer.add_callback(ProgressCallback(args["stage"]))
-    if args["train"]["save_steps"]:
+    trainer.add_callback(ProgressCallback(job.stage))
+    if config.train.save_steps:
         trainer.add_callback(RayTrainReportCallback())
-    if early_stopping and args["train"]["early_stopping_patience"]:
-        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=args["train"]["early_stopping_patience"]))
+    if early_stopping and config.train.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
     trainer = prepare_trainer(trainer)
-    checkpoint = resume_checkpoint(args)
+    checkpoint = resume_checkpoint(job)
     if checkpoint and is_rank_zero():
-        print(f"[rayalign] {args['stage']}: resuming from {checkpoint}", flush=True)
+        stage_log(job.stage, f"resuming from {checkpoint}")
     summary = model_summary(trainer.model)
     resumed_step = checkpoint_step(checkpoint)  # before training: checkpoint rotation deletes it
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_model(trainer, args)
-    probe = probe_outputs(trainer)  # every rank: under ZeRO-3 the forward pass gathers shards
+    save_model(trainer, job)
+    probe = probe_outputs(trainer.model, trainer.processing_class)
     if is_rank_zero():
         log = {
             "log_history": trainer.state.log_history,
@@ -178,22 +195,23 @@ def train_and_save(trainer, args: dict, early_stopping: bool = False) -> None:
             "model_summary": summary,
             "probe": probe,
         }
-        (Path(args["work_dir"]) / TRAIN_LOG).write_text(json.dumps(log, default=float))
+        (Path(job.work_dir) / TRAIN_LOG).write_text(json.dumps(log, default=float))
 
 
 PROBE_TEXT = "12+34=46. The quick brown fox."
 
 
-def probe_outputs(trainer) -> dict:
-    """The trained in-memory model's last-position logits on a fixed text.
+def probe_outputs(model, tokenizer) -> dict:
+    """A trained in-memory model's last-position logits on a fixed text.
 
     Recorded in the training log so that anyone can check that the saved folder, reloaded with
-    plain transformers/peft, computes the same function (a broken save shows up here).
+    plain transformers/peft, computes the same function (a broken save shows up here). Every rank
+    calls it: under ZeRO-3 the forward pass gathers shards.
     """
     import torch
 
-    model = trainer.model
-    ids = trainer.processing_class(PROBE_TEXT, return_tensors="pt").input_ids.to(trainer.args.device)
+    device = next(model.parameters()).device
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids.to(device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -216,12 +234,12 @@ def model_summary(model) -> dict:
             "model_class": type(model).__name__}
 
 
-def save_model(trainer, args: dict) -> None:
+def save_model(trainer, job: WorkerJob) -> None:
     """Save weights (or the adapter) and tokenizer (the driver merges adapters afterwards).
 
     Every rank calls ``save_model``: under ZeRO-3 the weights are gathered across ranks.
     """
-    model_dir = Path(args["model_dir"])
+    model_dir = Path(job.model_dir)
     trainer.save_model(str(model_dir))
     if not is_rank_zero():
         return

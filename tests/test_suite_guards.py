@@ -19,7 +19,7 @@ def test_required_engine_suite_errors_instead_of_skipping():
     if vllm_status()[0]:
         pytest.skip("vllm imports in this environment: the guard has nothing to catch here")
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "vllm",
-               "tests/stages/test_rollout.py", "-k", "agree_greedy"]
+               "tests/stages/rollout/test_rollout.py", "-k", "agree_greedy"]
     env = {k: v for k, v in os.environ.items() if k != REQUIRE_VLLM}
     skipped = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout[-2000:]

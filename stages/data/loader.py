@@ -1,4 +1,6 @@
-"""``load_records``: a path (file, folder, saved dataset or ``builtin:`` task) -> canonical records.
+"""``load_records``: a path (file, folder or saved dataset) -> canonical records.
+
+Built-in tasks (``builtin:<task>``) are loaded by ``stages.sources``, which sits above this package.
 
 Files are read completely and the format is applied record by record; every record read is
 either returned, counted in ``LoadedData.skipped`` under a reason, or the cause of a
@@ -8,22 +10,14 @@ either returned, counted in ``LoadedData.skipped`` under a reason, or the cause 
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from stages.data.errors import DataError
-from stages.data.formats import FORMATS, Format, Skip, detect_format
+from stages.data.fields import Skip
+from stages.data.formats import FORMATS, Format, detect_format
 from stages.data.readers import RawRecord, iter_source_files, read_all
 from stages.data.records import RECORD_TYPES, LoadedData
-
-BUILTIN_PREFIX = "builtin:"
-DEFAULT_SPLIT = "train"
-
-# Built-in tasks (registered elsewhere): name -> function(kind, split, limit) -> LoadedData.
-BUILTIN_SOURCES: dict[str, Callable[[str, str, int | None], LoadedData]] = {}
-
 
 def load_records(path: str | Path, kind: str, format: str | None = None, limit: int | None = None) -> LoadedData:
     """Load ``kind`` records ("sft", "preference", "prompt", "kto") from ``path``.
@@ -32,11 +26,9 @@ def load_records(path: str | Path, kind: str, format: str | None = None, limit: 
     that many records are produced (files are still read and parsed in full); ``validate`` should
     pass no limit so every record is checked.
     """
-    _check_kind(kind)
+    check_kind(kind)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    if str(path).startswith(BUILTIN_PREFIX):
-        return _load_builtin(str(path), kind, limit)
     path = Path(path).expanduser()
     if format is not None:
         _format(format, str(path)).converter(kind, str(path))  # fail before reading a large file
@@ -45,7 +37,7 @@ def load_records(path: str | Path, kind: str, format: str | None = None, limit: 
     return _convert(raw, fmt, kind, str(path), files, limit)
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in RECORD_TYPES:
         raise ValueError(f"unknown record kind {kind!r}; expected one of: {', '.join(RECORD_TYPES)}")
 
@@ -75,37 +67,6 @@ def _convert(
     return LoadedData(records=records, format=fmt.name, files=files, read=read, skipped=dict(skipped))
 
 
-# --- builtin:<name>[/<split>] ----------------------------------------------------------------------------
-
-
-def parse_builtin(path: str) -> tuple[str, str]:
-    """``builtin:gsm8k/test`` -> ("gsm8k", "test"); the split defaults to "train"."""
-    name, _, split = path[len(BUILTIN_PREFIX) :].partition("/")
-    return name, split or DEFAULT_SPLIT
-
-
-def _register_builtin_tasks() -> None:
-    """Import ``stages.tasks``, which registers its tasks here on import.
-
-    Done lazily, and only for a name not yet known: the loader stays generic (no import of
-    tasks at module level), yet a caller need not remember to import ``stages.tasks`` first.
-    """
-    try:
-        importlib.import_module("stages.tasks")
-    except ImportError:
-        pass
-
-
-def _load_builtin(path: str, kind: str, limit: int | None) -> LoadedData:
-    name, split = parse_builtin(path)
-    if name not in BUILTIN_SOURCES:
-        _register_builtin_tasks()
-    if name not in BUILTIN_SOURCES:
-        known = ", ".join(sorted(BUILTIN_SOURCES)) or "none registered"
-        raise DataError(f"unknown built-in source {name!r}; known: {known}", path=path)
-    return BUILTIN_SOURCES[name](kind, split, limit)
-
-
 # --- fingerprints for caching ---------------------------------------------------------------------------
 
 
@@ -113,13 +74,9 @@ def fingerprint_source(path: str) -> str:
     """sha256 over the bytes of every file ``path`` resolves to, in reading order.
 
     Only content counts (not names or times), so copying data elsewhere keeps cached results
-    valid while any edit invalidates them. ``builtin:`` sources hash their name; their owner
-    refines that.
+    valid while any edit invalidates them.
     """
     digest = hashlib.sha256()
-    if str(path).startswith(BUILTIN_PREFIX):
-        digest.update(str(path).encode())
-        return digest.hexdigest()
     for file in iter_source_files(Path(path).expanduser()):
         # Each file's own hash, so file boundaries count and "ab"+"c" differs from "a"+"bc".
         digest.update(_file_sha256(file).encode())

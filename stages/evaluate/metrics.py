@@ -17,20 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion; (0, 1) for n == 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # The bounds are exactly 0 / 1 at p = 0 / 1 (floating point would leave 1e-16 off).
-    return (0.0 if successes <= 0 else max(0.0, centre - half)), (1.0 if successes >= n else min(1.0, centre + half))
-
+from stages.tasks.grading import Z95, accuracy, accuracy_by_category, wilson_interval  # noqa: F401  (re-exported)
 
 def normal_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
     """mean +- z * standard error (sample std, n - 1); a point for n == 1, NaNs for n == 0."""
@@ -54,21 +41,6 @@ def std(values: Sequence[float], ddof: int = 0) -> float:
         return 0.0
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - ddof))
-
-
-def accuracy(correct: Sequence[bool]) -> dict:
-    """Fraction correct with its Wilson 95% interval."""
-    n, k = len(correct), sum(bool(c) for c in correct)
-    low, high = wilson_interval(k, n)
-    return {"accuracy": k / n if n else math.nan, "ci": [low, high], "n": n, "correct": k}
-
-
-def accuracy_by_category(correct: Sequence[bool], categories: Sequence[str]) -> dict[str, dict]:
-    """:func:`accuracy` per category, categories in sorted order."""
-    groups: dict[str, list[bool]] = {}
-    for ok, category in zip(correct, categories):
-        groups.setdefault(category, []).append(ok)
-    return {category: accuracy(groups[category]) for category in sorted(groups)}
 
 
 def mean_std(values: Sequence[float]) -> dict:

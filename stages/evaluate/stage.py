@@ -30,10 +30,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.spec import EvalConfig, PipelineSpec
-from pipeline.store import Artifact, ArtifactStore, fingerprint, write_json
+from stages.config import DataConfig
 from stages.evaluate import metrics as M
-from stages.stage import StageContext, StageResult, Stopwatch
+from stages.evaluate.config import EvalConfig
+from stages.files import read_jsonl, write_json, write_jsonl
+from stages.launcher import upstream_full_model
+from stages.stage import StageContext, StageResult, Stopwatch, UpstreamArtifact, data_sources
+from stages.tasks.grading import grade, verifier_accuracy
 
 EVAL_VERSION = "eval/1"  # bump when the computation of any metric changes: every cached entry is recomputed
 METRICS_FILE = "metrics.json"
@@ -63,7 +66,7 @@ def _messages(conversation) -> str:
 
 def load_eval_data(ctx: StageContext, config: EvalConfig) -> EvalData:
     """Prompt rows (tasks first, then ``prompts:``), SFT answers and pairs, ``max_prompts`` per set."""
-    from stages.data import load_records
+    from stages.sources import load_records
     from stages.tasks import TASKS
 
     data = EvalData()
@@ -108,9 +111,7 @@ def load_eval_data(ctx: StageContext, config: EvalConfig) -> EvalData:
     return data
 
 
-def _builtin_test(task: str):
-    from pipeline.spec import DataConfig
-
+def _builtin_test(task: str) -> DataConfig:
     return DataConfig(path=f"builtin:{task}/test")
 
 
@@ -125,37 +126,28 @@ def _set_name(path: str, taken: set[str]) -> str:
 # --------------------------------------------------------------------------- models and settings
 
 
-def choose_reference(config: EvalConfig, spec: PipelineSpec) -> str:
+def choose_reference(config: EvalConfig, stage_kinds: dict[str, str]) -> str:
     """``reference:``, else the first sft stage among the models, else the first model."""
     if config.reference:
         return config.reference
     for name in config.models:
-        if name in spec.stages and spec.stages[name].kind == "sft":
+        if stage_kinds.get(name) == "sft":
             return name
     return config.models[0]
 
 
-def check_models(names: list[str], spec: PipelineSpec) -> None:
+def check_models(names: list[str], stage_kinds: dict[str, str]) -> None:
     for name in names:
-        kind = spec.stages[name].kind if name in spec.stages else "base"
+        kind = stage_kinds.get(name, "base")
         if kind in ("reward", "eval"):
             raise ValueError(f"eval: {name!r} is a {kind} stage, not a model that generates; "
                              f"give reward models as `reward: {name}`" if kind == "reward" else
                              f"eval: {name!r} is an eval stage, not a model")
 
 
-def model_folder(ctx: StageContext, artifact: Artifact) -> Path:
-    """Full weights of an upstream output (adapters merged once into ``<run>/.merged``)."""
-    from stages.models import full_model_dir
-
-    return full_model_dir(artifact.path, artifact.model_dir, ctx.spec.run_root() / ".merged")
-
-
-def eval_settings(ctx: StageContext, config: EvalConfig, by_stage: dict[str, Artifact], reference: str) -> dict:
+def eval_settings(ctx: StageContext, config: EvalConfig, by_stage: dict[str, UpstreamArtifact], reference: str) -> dict:
     """Everything besides the model's own weights that its results depend on (the cache key's other half)."""
-    from pipeline.runner import data_fingerprint
     from stages.rollout import resolve_engine_name
-    from stages.stage import data_sources
     from stages.tasks import get_task
 
     gen = config.generation
@@ -165,7 +157,7 @@ def eval_settings(ctx: StageContext, config: EvalConfig, by_stage: dict[str, Art
         "sampling": {k: getattr(gen, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "num_samples",
                                                   "kl_prompts")},
         "tasks": {t.name: get_task(t.name).fingerprint() for t in config.tasks},
-        "data": {name: {"fp": data_fingerprint(ctx.resolve(d.path)), "limit": d.limit, "format": d.format}
+        "data": {name: {"fp": ctx.run.data_fingerprint(ctx.resolve(d.path)), "limit": d.limit, "format": d.format}
                  for name, (d, _) in data_sources(config).items()},
         "max_prompts": config.max_prompts,
         "num_examples": config.num_examples,
@@ -178,12 +170,7 @@ def eval_settings(ctx: StageContext, config: EvalConfig, by_stage: dict[str, Art
 def previous_entries(ctx: StageContext) -> dict[str, tuple[dict, Path]]:
     """Cache key -> (entry, its folder) from every earlier complete eval artifact of this stage (newest
     first wins) and from this run's own partial folder (an interrupted eval resumes)."""
-    store = ArtifactStore(ctx.spec.run_root())
-    folders = [ctx.work_dir]
-    stage_dir = store.stage_dir(ctx.name)
-    if stage_dir.is_dir():
-        artifacts = [a for d in stage_dir.iterdir() if not d.name.startswith(".") and (a := store.find(ctx.name, d.name))]
-        folders += [a.path for a in sorted(artifacts, key=lambda a: a.manifest.get("finished", ""), reverse=True)]
+    folders = [ctx.work_dir, *ctx.run.earlier_outputs(ctx.name)]
     found: dict[str, tuple[dict, Path]] = {}
     for folder in folders:
         try:
@@ -199,64 +186,90 @@ def previous_entries(ctx: StageContext) -> dict[str, tuple[dict, Path]]:
 # --------------------------------------------------------------------------- the stage
 
 
-def run(ctx: StageContext) -> StageResult:
-    from pipeline.cluster import ensure_ray
-    from stages.evaluate.generation import run_inference
+@dataclass
+class EvalRun:
+    """What every model's evaluation shares: the data, the settings (and their hash) and the judges."""
 
+    ctx: StageContext
+    config: EvalConfig
+    data: EvalData
+    settings: dict
+    settings_fp: str
+    reference: str
+    reference_path: Path
+    reward_path: str | None
+    previous: dict[str, tuple[dict, Path]]
+    keys: dict[str, str] = field(default_factory=dict)  # model -> its cache key (responses/<key>.jsonl)
+
+    def responses_file(self, name: str) -> Path:
+        return self.ctx.work_dir / RESPONSES_DIR / f"{self.keys[name]}.jsonl"
+
+
+def run(ctx: StageContext) -> StageResult:
     config: EvalConfig = ctx.config
     by_stage = {artifact.stage: artifact for artifact in ctx.inputs.values()}
-    reference = choose_reference(config, ctx.spec)
+    kinds = ctx.run.stage_kinds
+    reference = choose_reference(config, kinds)
     names = [reference] + [m for m in config.models if m != reference]  # the reference first: others need it
-    check_models(names, ctx.spec)
-    if config.reward and ctx.spec.stages.get(config.reward) is not None and ctx.spec.stages[config.reward].kind != "reward":
-        ctx.log(f"warning: reward: {config.reward!r} is a {ctx.spec.stages[config.reward].kind} stage; "
+    check_models(names, kinds)
+    if config.reward and kinds.get(config.reward, "reward") != "reward":
+        ctx.log(f"warning: reward: {config.reward!r} is a {kinds[config.reward]} stage; "
                 "its folder is loaded as a sequence classifier")
-    data = load_eval_data(ctx, config)
     settings = eval_settings(ctx, config, by_stage, reference)
-    settings_fp = fingerprint(settings)
-    previous = previous_entries(ctx)
-    reward_path = str(model_folder(ctx, by_stage[config.reward])) if config.reward else None
-    reference_path = model_folder(ctx, by_stage[reference])
+    plan = EvalRun(ctx, config, load_eval_data(ctx, config), settings, ctx.run.fingerprint(settings), reference,
+                   reference_path=upstream_full_model(ctx, by_stage[reference]),
+                   reward_path=str(upstream_full_model(ctx, by_stage[config.reward])) if config.reward else None,
+                   previous=previous_entries(ctx))
     (ctx.work_dir / RESPONSES_DIR).mkdir(parents=True, exist_ok=True)
-
     entries: dict[str, dict] = {}
-    keys: dict[str, str] = {}
     models_info: dict[str, dict] = {}
     for name in names:
         artifact = by_stage[name]
-        key = fingerprint({"model": artifact.fingerprint, "settings": settings_fp})
-        keys[name] = key
-        target = ctx.work_dir / RESPONSES_DIR / f"{key}.jsonl"
-        if key in previous:
-            entry, folder = previous[key]
-            if folder != ctx.work_dir:
-                shutil.copyfile(folder / RESPONSES_DIR / f"{key}.jsonl", target)
-            ctx.log(f"{name}: reusing results {key} from {folder}")
-            models_info[name] = {"fingerprint": artifact.fingerprint, "key": key, "reused_from": str(folder)}
-        else:
-            ensure_ray(ctx.spec)
-            path = model_folder(ctx, artifact)
-            ctx.log(f"{name}: evaluating {path} ({len(data.prompts)} prompts, {len(data.sft)} sft answers, "
-                    f"{len(data.pairs)} pairs) against {reference}")
-            watch = Stopwatch()
-            rows = run_inference(data.rows(config.generation.kl_prompts), model_path=str(path),
-                                 reference_path=str(reference_path), reward_path=reward_path,
-                                 generation=config.generation, chat_template=config.chat_template)
-            inference_seconds = watch.seconds
-            reference_rows = None if name == reference else read_responses(ctx.work_dir / RESPONSES_DIR / f"{keys[reference]}.jsonl")
-            entry, responses = summarize(rows, data, config, reference_rows)
-            write_jsonl(target, responses)
-            ctx.log(f"{name}: Ray Data inference {inference_seconds:.1f}s, metrics {watch.seconds - inference_seconds:.1f}s")
-            models_info[name] = {"fingerprint": artifact.fingerprint, "key": key, "reused_from": None,
-                                 "model_dir": str(path)}
-        entry = {**entry, "stage": name, "fingerprint": artifact.fingerprint, "settings": settings_fp}
-        entries[name] = entry
+        plan.keys[name] = ctx.run.fingerprint({"model": artifact.fingerprint, "settings": plan.settings_fp})
+        entry, models_info[name] = evaluate_model(plan, name, artifact)
+        entries[name] = {**entry, "stage": name, "fingerprint": artifact.fingerprint, "settings": plan.settings_fp}
         write_json(ctx.work_dir / METRICS_FILE,
-                   {"settings": settings, "models": {keys[n]: e for n, e in entries.items()}})
+                   {"settings": settings, "models": {plan.keys[n]: e for n, e in entries.items()}})
+    manifest = eval_manifest(plan, names, entries, models_info)
+    order = manifest["eval"]["order"]
+    ctx.log(f"reused {manifest['eval']['reused'] or 'none'}; computed {manifest['eval']['computed'] or 'none'}")
+    return StageResult(metrics={n: entries[n]["metrics"] for n in order}, data=plan.data.summary, manifest=manifest)
 
+
+def evaluate_model(plan: EvalRun, name: str, artifact: UpstreamArtifact) -> tuple[dict, dict]:
+    """One model's entry and manifest info: reused from an earlier eval with the same key, else computed
+    with one Ray Data inference pass."""
+    from stages.evaluate.generation import run_inference
+
+    ctx, config, data, key = plan.ctx, plan.config, plan.data, plan.keys[name]
+    target = plan.responses_file(name)
+    if key in plan.previous:
+        entry, folder = plan.previous[key]
+        if folder != ctx.work_dir:
+            shutil.copyfile(folder / RESPONSES_DIR / f"{key}.jsonl", target)
+        ctx.log(f"{name}: reusing results {key} from {folder}")
+        return entry, {"fingerprint": artifact.fingerprint, "key": key, "reused_from": str(folder)}
+    ctx.run.connect_ray()
+    path = upstream_full_model(ctx, artifact)
+    ctx.log(f"{name}: evaluating {path} ({len(data.prompts)} prompts, {len(data.sft)} sft answers, "
+            f"{len(data.pairs)} pairs) against {plan.reference}")
+    watch = Stopwatch()
+    rows = run_inference(data.rows(config.generation.kl_prompts), model_path=str(path),
+                         reference_path=str(plan.reference_path), reward_path=plan.reward_path,
+                         generation=config.generation, chat_template=config.chat_template)
+    inference_seconds = watch.seconds
+    reference_rows = None if name == plan.reference else read_responses(plan.responses_file(plan.reference))
+    entry, responses = summarize(rows, data, config, reference_rows)
+    write_jsonl(target, responses)
+    ctx.log(f"{name}: Ray Data inference {inference_seconds:.1f}s, metrics {watch.seconds - inference_seconds:.1f}s")
+    return entry, {"fingerprint": artifact.fingerprint, "key": key, "reused_from": None, "model_dir": str(path)}
+
+
+def eval_manifest(plan: EvalRun, names: list[str], entries: dict[str, dict], models_info: dict[str, dict]) -> dict:
+    config, reference = plan.config, plan.reference
     reused = [n for n in names if models_info[n]["reused_from"]]
     order = list(config.models) + ([reference] if reference not in config.models else [])
-    manifest = {
+    return {
         "model_type": None,
         "eval": {
             "models": models_info,
@@ -265,16 +278,13 @@ def run(ctx: StageContext) -> StageResult:
             "reward": config.reward,
             "reused": reused,
             "computed": [n for n in names if n not in reused],
-            "engine": settings["engine"],
-            "sampling": {**settings["sampling"], "kl_temperature": 1.0},
-            "settings_fingerprint": settings_fp,
+            "engine": plan.settings["engine"],
+            "sampling": {**plan.settings["sampling"], "kl_temperature": 1.0},
+            "settings_fingerprint": plan.settings_fp,
             "samples": {n: entries[n].get("samples", []) for n in order},
             "lm_eval": "skipped: lm-eval-harness is not installed and needs the model hub",
         },
     }
-    result_metrics = {n: entries[n]["metrics"] for n in order}
-    ctx.log(f"reused {reused or 'none'}; computed {manifest['eval']['computed'] or 'none'}")
-    return StageResult(metrics=result_metrics, data=data.summary, manifest=manifest)
 
 
 # --------------------------------------------------------------------------- rows -> metrics
@@ -298,18 +308,15 @@ def summarize(rows: list[dict], data: EvalData, config: EvalConfig, reference_ro
                  "finished": out["finished"], "reward": None if _nan(out["reward"]) else out["reward"],
                  "correct": None, "category": None}
         if prompt["task"]:
-            task = tasks_by_name[prompt["task"]]
-            entry["correct"] = bool(task.verify(prompt["record"], out["text"]))
-            entry["category"] = task.category(prompt["record"])
+            (entry["correct"],), (entry["category"],) = grade(tasks_by_name[prompt["task"]], [prompt["record"]],
+                                                            [out["text"]])
         responses.append(entry)
 
     metrics: dict = {"prompts": len(responses)}
     tasks = {}
     for task_name in dict.fromkeys(r["task"] for r in responses if r["task"]):
         scored = [r for r in responses if r["task"] == task_name]
-        correct = [r["correct"] for r in scored]
-        tasks[task_name] = {**M.accuracy(correct),
-                            "categories": M.accuracy_by_category(correct, [r["category"] for r in scored])}
+        tasks[task_name] = verifier_accuracy([r["correct"] for r in scored], [r["category"] for r in scored])
     metrics["tasks"] = tasks
     rewards = [r["reward"] for r in responses if r["reward"] is not None]
     metrics["reward"] = M.mean_std(rewards) if rewards else None
@@ -384,20 +391,14 @@ def _nan(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 def read_responses(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 # --------------------------------------------------------------------------- printing
 
 
-def format_table(artifact: Artifact) -> str:
+def format_table(artifact: UpstreamArtifact) -> str:
     """The eval artifact's headline numbers as a text table (one row per model)."""
     metrics = artifact.metrics
     rows = {name: m.get("summary", {}) for name, m in metrics.items()}

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from stages.ppo.distributed import barrier
+
 PREFIX = "checkpoint-"
 COMPLETE = "COMPLETE"
 STATE = "state.json"
@@ -35,13 +37,6 @@ STATE = "state.json"
 
 def checkpoints_dir(work_dir: str | Path) -> Path:
     return Path(work_dir) / "checkpoints"
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -99,5 +94,5 @@ def restore(folder: Path, trainees: dict, rank: int) -> dict:
         trainee.load(folder / name)
     rng = folder / f"rng-{rank}.pt"
     if rng.exists():
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, weights_only=True))  # tensors and ints: no pickle
     return json.loads((folder / STATE).read_text())

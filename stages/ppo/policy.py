@@ -10,7 +10,7 @@
 * The reference policy: the adapter-disabled policy under LoRA/QLoRA (``with disable_adapter():``,
   no second copy), a frozen copy of the starting policy under full fine-tuning.
 
-All forwards take a batch laid out by :func:`stages.ppo.rollout.pack` (left-padded prompts of width
+All forwards take a batch laid out by :func:`stages.ppo.experience.pack` (left-padded prompts of width
 ``P`` followed by right-padded responses of width ``T``) and ``keep = T``, and return tensors for
 the ``T`` response positions: ``logits[:, t]`` (from the hidden state at ``P - 1 + t``) predicts
 response token ``t``; ``values[:, t]`` is the value of the state before token ``t``.
@@ -137,12 +137,11 @@ def load_separate_critic(source: str, peft_cfg, precision: str, pad_token_id: in
     """A sequence-classification model as the critic; LoRA/QLoRA get an adapter with the head trained in full."""
     from peft import get_peft_model
 
-    from stages.models import load_model
-    from stages.reward import reward_peft_config
+    from stages.models import load_model, peft_config
 
     model = load_model(source, peft_cfg, precision, head="reward", trust_remote_code=trust_remote_code)
     model.config.pad_token_id = pad_token_id
-    config = reward_peft_config(peft_cfg)
+    config = peft_config(peft_cfg, head="reward")
     if config is not None:
         model = get_peft_model(model, config)
     return SeparateCritic(disable_dropout(model))

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.spec import PPOConfig
 from stages import launcher, training_data
+from stages.job import PPOJob
+from stages.ppo.config import PPOConfig
 from stages.stage import StageContext, StageResult
 from stages.training_curves import summarize_training
 
@@ -30,7 +31,6 @@ SUMMARY = ("reward_mean", "kl", "entropy", "response_length", "value_loss", "exp
 
 
 def run(ctx: StageContext) -> StageResult:
-    from pipeline.cluster import ensure_ray
     from stages.ppo.worker import train_ppo_worker
 
     config: PPOConfig = ctx.config
@@ -43,8 +43,7 @@ def run(ctx: StageContext) -> StageResult:
     iterations = config.train.max_steps or math.ceil(config.train.epochs * n_prompts / config.rollout.prompts_per_step)
     model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
     reward_dir = str(ctx.inputs["reward"].model_dir) if "reward" in ctx.inputs else None
-    critic = config.critic_config
-    ensure_ray(ctx.spec)
+    ctx.run.connect_ray()
     engines = RolloutEngines(ctx, config, model_source)
     reward_actor = None
     try:
@@ -59,26 +58,16 @@ def run(ctx: StageContext) -> StageResult:
         before = evaluation.run(engines.group) if evaluation else {}
         if before:
             ctx.log(f"held-out accuracy of the starting policy: {before['accuracy']:.1%} ({before['prompts']} prompts)")
-        args = launcher.common_worker_args(
-            ctx, config, model_source,
-            prompts_file=str(data.train_file),
+        job = launcher.worker_job(
+            ctx, config, model_source, PPOJob,
+            train_file=str(data.train_file),
             iterations=iterations,
-            algorithm={**config.algorithm.model_dump(), "kl_placement": config.algorithm.kl_placement},
-            rollout=config.rollout.model_dump(),
-            colocate=config.rollout.colocate,
-            critic_mode=critic.mode if critic else None,
-            critic_lr=critic.lr if critic else None,
             critic_source=reward_dir or str(model_source),
-            engines=engines.workers,
-            reward_fn=config.reward_fn,
-            reward_actor=reward_actor,
             reward_model_dir=reward_dir if config.reward_placement == "worker" else None,
         )
-        ctx.log(f"{config.algorithm.advantage} for {iterations} iteration(s): {config.rollout.prompts_per_step} "
-                f"prompts x {config.rollout.n} samples per iteration on {len(engines.workers)} "
-                f"{engines.engine_name} engine(s); critic {critic.mode if critic else 'none'}; "
-                f"reward {' + '.join(filter(None, [config.reward_fn, config.reward and f'model:{config.reward}']))}")
-        log = launcher.launch(ctx, config, train_ppo_worker, args)
+        ctx.log(describe_run(config, iterations, engines))
+        log = launcher.launch(ctx, config, train_ppo_worker, job, engines=engines.workers,
+                              reward_actor=reward_actor)
         after = evaluation.run(engines.group) if evaluation else {}
         if after:
             ctx.log(f"held-out accuracy of the trained policy: {after['accuracy']:.1%}")
@@ -100,6 +89,14 @@ def run(ctx: StageContext) -> StageResult:
         heldout_source=evaluation.source if evaluation else None,
     )
     return result
+
+
+def describe_run(config: PPOConfig, iterations: int, engines: RolloutEngines) -> str:
+    critic = config.critic_config
+    rewards = " + ".join(filter(None, [config.reward_fn, config.reward and f"model:{config.reward}"]))
+    return (f"{config.algorithm.advantage} for {iterations} iteration(s): {config.rollout.prompts_per_step} prompts "
+            f"x {config.rollout.n} samples per iteration on {len(engines.workers)} {engines.engine_name} engine(s); "
+            f"critic {critic.mode if critic else 'none'}; reward {rewards}")
 
 
 def summary_metrics(history: list[dict]) -> dict:
@@ -190,8 +187,7 @@ class HeldOut:
 
     @classmethod
     def for_config(cls, ctx: StageContext, config: PPOConfig, model_source) -> HeldOut | None:
-        from stages.data import load_records
-        from stages.data.loader import parse_builtin
+        from stages.sources import load_records, parse_builtin
         from stages.models import load_tokenizer
         from stages.tasks import TASKS, get_task
 
@@ -203,20 +199,20 @@ class HeldOut:
             return None
         examples = list(load_records(ctx.resolve(source), "prompt", format=prompts.format,
                                      limit=config.eval_limit).records)
-        tokenizer = load_tokenizer(model_source, config.chat_template, ctx.spec.base.trust_remote_code)
+        tokenizer = load_tokenizer(model_source, config.chat_template, ctx.run.trust_remote_code)
         return cls(get_task(task_name), examples, tokenizer, source, config.rollout.max_new_tokens)
 
     def run(self, group) -> dict:
-        from stages.ppo.worker import prompt_token_ids
+        from stages.chat_templates import conversation_ids
         from stages.rollout import SamplingParams
 
-        ids = [prompt_token_ids(self.tokenizer, [m.to_dict() for m in e.prompt]) for e in self.examples]
+        ids = [conversation_ids(self.tokenizer, [m.to_dict() for m in e.prompt], add_generation_prompt=True)
+               for e in self.examples]
+        from stages.tasks.grading import grade, verifier_accuracy
+
         results = group.generate(ids, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
-        correct: dict[str, list[bool]] = {}
-        for example, result in zip(self.examples, results):
-            correct.setdefault(self.task.category(example), []).append(self.task.verify(example, result.response_text))
-        everything = [c for values in correct.values() for c in values]
-        out = {"accuracy": sum(everything) / len(everything), "prompts": len(everything)}
-        if len(correct) > 1:
-            out.update({f"{category}_accuracy": sum(v) / len(v) for category, v in correct.items()})
+        graded = verifier_accuracy(*grade(self.task, self.examples, [r.response_text for r in results]))
+        out = {"accuracy": graded["accuracy"], "prompts": graded["n"]}
+        if len(graded["categories"]) > 1:
+            out.update({f"{category}_accuracy": c["accuracy"] for category, c in graded["categories"].items()})
         return out

@@ -1,578 +1,388 @@
 """The per-worker PPO loop (Ray Train ``train_loop_per_worker``); the driver is ``stages.ppo.stage``.
 
-Each iteration, on every worker:
+Each iteration, on every worker, one function per step:
 
-1. take this rank's prompts of the iteration (a seeded permutation; the iteration index is the
-   data position), send them to this rank's rollout engines (Ray actors): ``n`` samples each;
-2. score the responses (verifier / ``module:function`` in-process, reward model in an actor or here);
-3. old log-probs, reference log-probs, values (critic) with the trainer's model, then advantages
+1. :func:`rollout` -- this rank's prompts of the iteration (a seeded permutation; the iteration
+   index is the data position) to this rank's rollout engines (Ray actors): ``n`` samples each;
+2. :func:`score` -- verifier / ``module:function`` in-process, reward model in an actor or here;
+3. :func:`experience` -- old and reference log-probs, values (``stages.ppo.critic``), then advantages
    (``stages.rl.compute_advantages``) with the KL penalty in the reward or in the loss;
-4. ``ppo_epochs`` passes over shuffled mini-batches: PPO-clip + clipped value loss + entropy bonus
-   (+ k3 KL for grpo/rloo) under DeepSpeed ZeRO or DDP;
-5. weight sync (rank 0): LoRA -> the adapter saved to ``<work_dir>/sync/step-N`` and loaded by every
-   engine; full -> a state_dict gathered one parameter at a time (ZeRO-3) or a saved folder;
-6. metrics -> ``ray.train.report`` (with a checkpoint every ``train.save_steps``), a JSONL file,
-   TensorBoard.
+4. :func:`update` -- ``ppo_epochs`` passes over shuffled mini-batches: PPO-clip + value loss + entropy
+   bonus (+ k3 KL for grpo/rloo) under DeepSpeed ZeRO or DDP;
+5. :func:`sync` -- the policy to the engines (``stages.ppo.sync``);
+6. :func:`record` -- metrics reduced over ranks -> a JSONL file, TensorBoard, the progress line;
+7. :func:`report` -- ``ray.train.report``, with a checkpoint every ``train.save_steps``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from stages.launcher import TRAIN_LOG, WORKER_INFO
+from stages.log import stage_log
 from stages.ppo import checkpoint as ckpt
-from stages.ppo.policy import ActorCritic, causal_lm, is_peft
-from stages.ppo.rollout import Batch, make_experience, pack, response_logprobs
-from stages.rl import (
-    AdaptiveKLController,
-    FixedKLController,
-    aggregate_loss,
-    entropy_from_logits,
-    explained_variance,
-    k3,
-    ppo_policy_loss,
-    value_loss,
-)
+from stages.ppo.config import PPOConfig
+from stages.ppo.critic import Critic, build_critic, load_critic_model
+from stages.ppo.distributed import dist_info, reduce_metrics
+from stages.ppo.experience import Batch, Experience, make_experience, pack, response_logprobs
+from stages.ppo.policy import ActorCritic, is_peft
+from stages.ppo.prompts import PromptPlan, my_engines
+from stages.ppo.sync import save_policy, sync_weights
+from stages.ppo.trainee import Trainee
+from stages.rl import AdaptiveKLController, FixedKLController, aggregate_loss, entropy_from_logits, k3
+from stages.rl import explained_variance, ppo_policy_loss
 
 METRICS_FILE = "ppo_metrics.jsonl"
+# How each metric combines over ranks (mean where not named): token counts add, wall times take the slowest.
+REDUCE_OPS = {"rollout_tokens": "sum", "training_tokens": "sum", "samples": "sum", "rollout_seconds": "max",
+              "training_seconds": "max", "sync_seconds": "max", "experience_seconds": "max",
+              "iteration_seconds": "max"}
 
 
-# --------------------------------------------------------------------------- distributed helpers
+@dataclass
+class PPORun:
+    """One worker's run: its models, data, engines and records."""
 
-
-def dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def reduce_metrics(local: dict[str, float], ops: dict[str, str]) -> dict[str, float]:
-    """All-reduce a flat dict across ranks: ``mean`` by default, ``sum`` / ``max`` where ``ops`` says."""
-    import torch.distributed as dist
-
-    keys = sorted(local)
-    rank, world = dist_info()
-    if world == 1:
-        return dict(local)
-    out = {}
-    for op_name, op in (("mean", dist.ReduceOp.SUM), ("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
-        group = [k for k in keys if ops.get(k, "mean") == op_name]
-        if not group:
-            continue
-        values = torch.tensor([float(local[k]) for k in group], dtype=torch.float64)
-        dist.all_reduce(values, op=op)
-        if op_name == "mean":
-            values /= world
-        out.update(zip(group, values.tolist()))
-    return out
-
-
-# --------------------------------------------------------------------------- optimisation
-
-
-def make_scheduler(optimizer, train: dict, total_steps: int):
-    from transformers import get_scheduler
-
-    kwargs = {"min_lr_rate": 0.1} if train["lr_schedule"] == "cosine_with_min_lr" else None
-    return get_scheduler(train["lr_schedule"], optimizer, num_warmup_steps=int(train["warmup_ratio"] * total_steps),
-                         num_training_steps=max(1, total_steps), scheduler_specific_kwargs=kwargs)
-
-
-def deepspeed_dict(args: dict, lr: float, client_optimizer: bool) -> dict:
-    from pipeline.spec import DeepSpeedConfig
-    from stages.ds_config import deepspeed_config
-
-    train = args["train"]
-    config = deepspeed_config(DeepSpeedConfig(**args["deepspeed"]))
-    config.update(
-        train_micro_batch_size_per_gpu=train["batch_size"],
-        gradient_accumulation_steps=train["grad_accum"],
-        gradient_clipping=train["max_grad_norm"],
-        bf16={"enabled": args["precision"] == "bf16"},
-        fp16={"enabled": args["precision"] == "fp16"},
-        zero_allow_untested_optimizer=True,
-    )
-    if not client_optimizer:
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": train["weight_decay"]}}
-    return config
-
-
-class Trainee:
-    """A module and its optimizer + LR schedule: a DeepSpeed engine (ZeRO) or plain torch (DDP).
-
-    ``forward`` is the wrapped module (call it for training forwards), ``module`` the bare one.
-    ``backward`` + ``step`` count micro-batches; the optimizer steps every ``grad_accum`` of them.
-    """
-
-    def __init__(self, module: torch.nn.Module, lr: float, args: dict, total_steps: int, wrap: bool = True) -> None:
-        train = args["train"]
-        self.zero_stage = args["deepspeed"]["zero_stage"]
-        self.grad_accum = train["grad_accum"]
-        self.max_grad_norm = train["max_grad_norm"]
-        self.micro = 0
-        params = [p for p in module.parameters() if p.requires_grad]
-        if self.zero_stage is not None:
-            import deepspeed
-
-            offload = args["deepspeed"]["offload_optimizer"]
-            optimizer = None if offload else torch.optim.AdamW(params, lr=lr, weight_decay=train["weight_decay"])
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=module, optimizer=optimizer, model_parameters=params if offload else None,
-                config=deepspeed_dict(args, lr, client_optimizer=not offload),
-                lr_scheduler=lambda opt: make_scheduler(opt, train, total_steps),
-            )
-            self.forward = self.engine
-            self.module = self.engine.module
-        else:
-            import ray.train.torch  # noqa: F401
-
-            self.engine = None
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train["weight_decay"])
-            self.scheduler = make_scheduler(self.optimizer, train, total_steps)
-            self.params = params
-            # DDP when world > 1 (outside Ray Train, e.g. in unit tests: wrap=False, the bare module).
-            self.forward = ray.train.torch.prepare_model(module, move_to_device=args["use_gpu"]) if wrap else module
-            self.module = module
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:
-            self.engine.backward(loss)  # scaled by 1 / grad_accum inside
-        else:
-            (loss / self.grad_accum).backward()
-
-    def step(self) -> None:
-        self.micro += 1
-        if self.engine is not None:
-            self.engine.step()  # steps optimizer + scheduler at accumulation boundaries
-            return
-        if self.micro % self.grad_accum == 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+    job: object  # stages.job.PPOJob
+    config: PPOConfig
+    rank: int
+    world: int
+    tokenizer: object
+    actor: ActorCritic
+    ref_model: torch.nn.Module | None
+    policy: Trainee
+    critic: Critic
+    plan: PromptPlan
+    engines: object  # RolloutGroup over this rank's engines
+    all_engines: object  # RolloutGroup over every engine (rank 0 syncs them)
+    rewards: object  # stages.ppo.rewards.RewardSources
+    kl_ctl: object
+    start: int = 0
+    resumed_from: str | None = None
+    history: list[dict] = field(default_factory=list)
+    writer: object = None
+    token_cache: dict[int, list[int]] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     @property
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+    def work_dir(self) -> Path:
+        return Path(self.job.work_dir)
 
-    def save(self, folder: Path, rank: int) -> None:
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(folder), tag="state", client_state={"micro": self.micro},
-                                        exclude_frozen_parameters=True)
-            return
-        if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
-            torch.save({"trainable": trainable, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "micro": self.micro}, folder / "state.pt")
+    @property
+    def device(self) -> torch.device:
+        return next(self.actor.parameters()).device
 
-    def load(self, folder: Path) -> None:
-        if self.engine is not None:
-            _, client = self.engine.load_checkpoint(str(folder), tag="state", load_module_strict=False)
-            self.micro = (client or {}).get("micro", 0)
-            return
-        state = torch.load(folder / "state.pt", weights_only=False)
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.micro = state["micro"]
-
-
-# --------------------------------------------------------------------------- weight sync
-
-
-def gathered_state_dict(module: torch.nn.Module, trainable_only: bool = False) -> dict | None:
-    """Rank 0: ``{name: cpu tensor}`` of ``module``'s parameters (and persistent buffers); None elsewhere.
-
-    Under ZeRO-3 each parameter is gathered on its own (``deepspeed.zero.GatheredParameters``), so at
-    most one full parameter is materialised at a time. Every rank must call this.
-    """
-    rank, _ = dist_info()
-    out: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():
-        if trainable_only and not param.requires_grad:
-            continue
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if rank == 0:
-                    out[name] = param.data.detach().cpu().clone()
-        elif rank == 0:
-            out[name] = param.detach().cpu().clone()
-    if not trainable_only and rank == 0:
-        persistent = set(module.state_dict().keys())
-        out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in persistent})
-    return out if rank == 0 else None
-
-
-def save_policy(actor: ActorCritic, folder: Path, tokenizer=None) -> Path | None:
-    """Write the policy as a plain HF folder (the adapter under LoRA, full weights otherwise); collective."""
-    rank, _ = dist_info()
-    policy = actor.policy
-    if is_peft(policy):
-        state = gathered_state_dict(policy, trainable_only=True)
-        if rank == 0:
-            policy.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
-    else:
-        lm = causal_lm(policy)
-        state = gathered_state_dict(lm)
-        if rank == 0:
-            lm.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
-    if rank == 0 and tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder if rank == 0 else None
-
-
-def sync_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: str = "auto") -> dict:
-    """Push the current policy to every rollout engine; returns ``{"sync_seconds", "sync_method", ...}``.
-
-    Collective (every rank calls it; rank 0 talks to the engines). ``engines`` is a
-    ``RolloutGroup`` over all engines (rank 0) or None. LoRA: the adapter goes through a folder
-    (``<work_dir>/sync/step-N``; each engine loads it under a fresh LoRA id). Full weights: a
-    state_dict (``mode`` auto / state_dict) or a saved folder (``mode: folder``).
-    """
-    rank, _ = dist_info()
-    started = time.perf_counter()
-    sync_root = Path(work_dir) / "sync"
-    infos = []
-    if is_peft(actor.policy) or mode == "folder":
-        folder = sync_root / f"step-{step}"
-        if rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-        save_policy(actor, folder)
-        if rank == 0:
-            infos = engines.update_weights(str(folder))
-            for old in sync_root.glob("step-*"):  # the engines have loaded it: older folders can go
-                if old != folder and int(old.name.split("-")[1]) < step - 1:
-                    shutil.rmtree(old, ignore_errors=True)
-    else:
-        state = gathered_state_dict(causal_lm(actor.policy))
-        if rank == 0:
-            infos = engines.update_weights(state)
-    ckpt.barrier()
-    infos = infos if isinstance(infos, list) else [infos]  # a RolloutGroup, or one engine
-    result = {"sync_seconds": time.perf_counter() - started}
-    if infos:
-        result["sync_method"] = infos[0].method
-        result["engine_sync_seconds"] = max(i.seconds for i in infos)
-    return result
-
-
-# --------------------------------------------------------------------------- data
-
-
-class PromptPlan:
-    """Which prompts an iteration uses: a seeded permutation per pass over the data, sliced by rank."""
-
-    def __init__(self, rows: list[dict], per_step: int, rank: int, world: int, seed: int) -> None:
-        self.rows, self.per_step, self.rank, self.world, self.seed = rows, per_step, rank, world, seed
-        self.per_rank = per_step // world
-        self._orders: dict[int, list[int]] = {}
-
-    def order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            order = list(range(len(self.rows)))
-            random.Random(f"ppo-prompts/{self.seed}/{epoch}").shuffle(order)
-            self._orders = {epoch: order}
-        return self._orders[epoch]
-
-    def indices(self, iteration: int) -> list[int]:
-        start = iteration * self.per_step + self.rank * self.per_rank
-        n = len(self.rows)
-        return [self.order(k // n)[k % n] for k in range(start, start + self.per_rank)]
-
-
-def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def my_engines(engines: list, rank: int, world: int) -> list:
-    """This rank's engines: ``engines[rank::world]``, or one shared engine when there are fewer engines than ranks."""
-    return engines[rank::world] or [engines[rank % len(engines)]]
-
-
-# --------------------------------------------------------------------------- the loop
+    @property
+    def samples_per_rank(self) -> int:
+        return self.plan.per_rank * self.config.rollout.n
 
 
 def train_ppo_worker(args: dict) -> None:
     """Per-worker PPO / GRPO / RLOO / REINFORCE++ loop."""
-    import ray.train
+    from stages.job import PPOJob
+    from stages.worker import start_worker
 
-    from pipeline.spec import PeftConfig
-    from stages.data.records import PromptExample
-    from stages.models import load_tokenizer
-    from stages.ppo.policy import load_policy, load_reference, load_separate_critic, parameter_counts
+    job, config, tokenizer = start_worker(args, PPOConfig, PPOJob)
+    run = start_run(job, config, tokenizer, args)
+    for iteration in range(run.start, job.iterations):
+        started = time.perf_counter()
+        results, seconds = rollout(run, iteration)
+        scores, finished, parts = score(run, iteration, results)
+        exp, seconds["experience"] = experience(run, results, scores, finished)
+        stats, seconds["training"] = update(run, exp, iteration)
+        synced = sync(run, iteration + 1)
+        seconds["iteration"] = time.perf_counter() - started
+        metrics = record(run, iteration + 1, exp, scores, finished, parts, {**stats, **exp.stats}, seconds, synced)
+        report(run, iteration + 1, metrics)
+    finish(run)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def start_run(job, config: PPOConfig, tokenizer, args: dict) -> PPORun:
+    """Models, optimizers, prompts, engines and reward sources; resumed from a checkpoint if one exists."""
+    from stages.ppo.policy import load_policy, load_reference
     from stages.ppo.rewards import RewardSources
-    from stages.rollout import SamplingParams
     from stages.rollout.actors import RolloutGroup
-    from stages.worker import model_summary, setup_worker
 
-    setup_worker(args)
     rank, world = dist_info()
-    work_dir = Path(args["work_dir"])
-    train, algo, rollout = args["train"], args["algorithm"], args["rollout"]
-    torch.manual_seed(train["seed"] + rank)
-    if args["deepspeed"]["zero_stage"] is not None:
+    torch.manual_seed(config.train.seed + rank)
+    if config.deepspeed.zero_stage is not None:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if args["use_gpu"] else "gloo")
-
-    tokenizer = load_tokenizer(args["model_source"], args["chat_template"], args["trust_remote_code"])
-    peft = PeftConfig(**args["peft"])
-    load = dict(trust_remote_code=args["trust_remote_code"])
-    policy = load_policy(args["model_source"], peft, args["precision"],
-                         gradient_checkpointing=train["gradient_checkpointing"], **load)
-    critic_mode = args["critic_mode"]  # None (critic-free), "shared", "separate"
-    actor = ActorCritic(policy, value_head=critic_mode == "shared")
-    ref_model = None if is_peft(policy) else load_reference(args["model_source"], peft, args["precision"], **load)
-    critic = None
-    if critic_mode == "separate":
-        critic = load_separate_critic(args["critic_source"], peft, args["precision"], tokenizer.pad_token_id, **load)
-
-    rows = [json.loads(line) for line in open(args["prompts_file"])]
-    plan = PromptPlan(rows, rollout["prompts_per_step"], rank, world, train["seed"])
-    samples = plan.per_rank * rollout["n"]
-    minibatches = math.ceil(samples / train["batch_size"])
-    iterations = args["iterations"]
-    total_steps = iterations * algo["ppo_epochs"] * max(1, minibatches // train["grad_accum"])
-    policy_trainee = Trainee(actor, train["lr"], args, total_steps)
-    actor = policy_trainee.module
-    trainees = {"policy": policy_trainee}
-    critic_trainee = None
-    if critic is not None:
-        critic_trainee = Trainee(critic, args["critic_lr"] or train["lr"], args, total_steps)
-        critic = critic_trainee.module
-        trainees["critic"] = critic_trainee
-    info = {"reference": "adapter-disabled policy" if ref_model is None else "frozen copy",
-            "critic": critic_mode or "none", **parameter_counts(actor, critic, ref_model)}
-
-    kl_ctl = (AdaptiveKLController(algo["kl_coef"], algo["kl_target"], algo["kl_horizon"]) if algo["kl_target"]
-              else FixedKLController(algo["kl_coef"]))
-    start, resumed_from = 0, None
-    with ckpt.find_resume(work_dir) as folder:
-        if folder is not None:
-            state = ckpt.restore(folder, trainees, rank)
-            start, resumed_from = state["iteration"], str(folder)
-            if isinstance(kl_ctl, AdaptiveKLController):
-                kl_ctl.value = state["kl_coef"]
-            if rank == 0:
-                print(f"[rayalign] {args['stage']}: resuming from {folder} (iteration {start})", flush=True)
-
-    all_engines = RolloutGroup(args["engines"])
-    engines = RolloutGroup(my_engines(args["engines"], rank, world))
-    rewards = RewardSources(args["reward_fn"], args.get("reward_actor") or args.get("reward_model_dir"))
-    history = load_history(work_dir, start) if rank == 0 else []
-    writer = tensorboard_writer(args, start) if rank == 0 else None
-    tokens_cache: dict[int, list[int]] = {}
-    sync = {}
-    if start > 0:  # the engines start from the initial policy: bring them to the restored one
-        sync = sync_weights(actor, all_engines if rank == 0 else None, work_dir, start, rollout["sync"])
-    run_started = time.monotonic()
-
-    for iteration in range(start, iterations):
-        step = iteration + 1
-        iteration_started = time.perf_counter()
-        # 1. rollouts
-        indices = plan.indices(iteration)
-        for i in indices:
-            if i not in tokens_cache:
-                tokens_cache[i] = prompt_token_ids(tokenizer, rows[i]["prompt"])
-        params = SamplingParams(max_new_tokens=rollout["max_new_tokens"], temperature=rollout["temperature"],
-                                top_p=rollout["top_p"], top_k=rollout["top_k"], n=rollout["n"],
-                                seed=train["seed"] * 1_000_003 + iteration * 10_007 + rank * 101)
-        t0 = time.perf_counter()
-        results = engines.generate([tokens_cache[i] for i in indices], params)
-        rollout_seconds = time.perf_counter() - t0
-        if args["colocate"]:
-            ckpt.barrier()
-            if rank == 0:
-                all_engines.sleep()
-
-        # 2. rewards
-        examples = [PromptExample.from_trl(rows[i]) for i in indices for _ in range(rollout["n"])]
-        totals, parts = rewards(examples, [r.response_text for r in results])
-        scores = torch.tensor(totals, dtype=torch.float32)
-        finished = torch.tensor([r.finished for r in results])
-
-        # 3. experience
-        batch = pack([r.prompt_ids for r in results], [r.response_ids for r in results], tokenizer.pad_token_id)
-        engine_logprobs = torch.zeros_like(batch.mask)
-        for row, r in enumerate(results):
-            engine_logprobs[row, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
-        actor.eval()
-        if critic is not None:
-            critic.eval()
-        exp = make_experience(actor, critic, ref_model, batch, engine_logprobs, scores, finished, algo,
-                              kl_ctl.value, rollout["n"], chunk=max(train["batch_size"], 16),
-                              temperature=rollout["temperature"])
-
-        # 4. PPO epochs
-        experience_seconds = time.perf_counter() - t0 - rollout_seconds
-        t0 = time.perf_counter()
-        actor.train()
-        if critic is not None:
-            critic.train()
-        stats = ppo_update(exp, policy_trainee, critic_trainee, algo, train, rollout["temperature"], kl_ctl.value,
-                           seed=train["seed"] * 7919 + iteration)
-        train_seconds = time.perf_counter() - t0
-
-        # 5. weight sync
-        if args["colocate"] and rank == 0:
-            all_engines.wake()
-        sync = sync_weights(actor, all_engines if rank == 0 else None, work_dir, step, rollout["sync"])
-
-        # 6. metrics
-        mask = batch.mask
-        local = {
-            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "score_mean": float(exp.scores.mean()), "response_length": float(mask.sum(-1).mean()),
-            "finished_fraction": float(finished.float().mean()), "kl_coef": float(kl_ctl.value),
-            "rollout_tokens": float(mask.sum()), "rollout_seconds": rollout_seconds,
-            "training_tokens": float(batch.attention_mask.sum()) * algo["ppo_epochs"], "training_seconds": train_seconds,
-            "sync_seconds": sync["sync_seconds"], "lr": policy_trainee.lr, "experience_seconds": experience_seconds,
-            "iteration_seconds": time.perf_counter() - iteration_started, "samples": float(len(results)),
-            **{f"reward_{name}_mean": sum(v) / len(v) for name, v in parts.items() if len(parts) > 1},
-            **exp.stats, **stats,
-        }
-        if exp.values is not None:
-            local["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
-        ops = {"rollout_tokens": "sum", "training_tokens": "sum", "samples": "sum", "rollout_seconds": "max",
-               "training_seconds": "max", "sync_seconds": "max", "experience_seconds": "max", "iteration_seconds": "max"}
-        metrics = {k: v for k, v in reduce_metrics(local, ops).items() if not math.isnan(v)}
-        metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(metrics["rollout_seconds"], 1e-9)
-        # (not "train_*": curves_from_history drops those names, they are the HF Trainer's summary keys)
-        metrics["training_tokens_per_s"] = metrics["training_tokens"] / max(metrics["training_seconds"], 1e-9)
-        metrics["samples_per_s"] = metrics["samples"] / max(metrics["iteration_seconds"], 1e-9)
-        kl_ctl.update(metrics["kl"], n_steps=samples * world)
-        metrics["step"] = step
-        report = {**metrics, "sync_method": sync.get("sync_method", "")}
-        if rank == 0:
-            history.append(report)
-            append_metrics(work_dir, report)
-            if writer is not None:
-                for key, value in metrics.items():
-                    if key != "step":
-                        writer.add_scalar(f"ppo/{key}", value, step)
-                writer.flush()
-            if step % train["logging_steps"] == 0 or step == iterations or step == start + 1:
-                print(f"[rayalign] {args['stage']}: iteration {step}/{iterations} reward {metrics['reward_mean']:.3f} "
-                      f"kl {metrics['kl']:.4f} entropy {metrics['entropy']:.3f} "
-                      f"{'value_loss %.4f ' % metrics['value_loss'] if 'value_loss' in metrics else ''}"
-                      f"rollout {metrics['rollout_tokens_per_s']:.0f} tok/s sync {metrics['sync_seconds']:.2f}s "
-                      f"({report['sync_method']}) elapsed {time.monotonic() - run_started:.1f}s", flush=True)
-
-        # 7. checkpoint + report
-        if train["save_steps"] and step % train["save_steps"] == 0 and step < iterations:
-            folder = ckpt.save(work_dir, step, trainees, {"kl_coef": float(kl_ctl.value)}, rank)
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
-            ray.train.report(report, checkpoint=checkpoint)
-        else:
-            ray.train.report(report)
-
-    # final policy
-    actor.eval()
-    save_policy(actor, Path(args["model_dir"]), tokenizer)
-    if actor.value_head is not None:
-        from stages.ppo.policy import save_value_head
-
-        state = gathered_state_dict(actor.value_head)
-        if rank == 0:
-            save_value_head(actor, work_dir / "critic", state)
-    elif critic is not None:
-        state = gathered_state_dict(critic.model, trainable_only=is_peft(critic.model))
-        if rank == 0:
-            from safetensors.torch import save_file
-
-            (work_dir / "critic").mkdir(exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(work_dir / "critic" / "critic.safetensors"))
-    probe = probe_outputs(actor, tokenizer)
-    if writer is not None:
-        writer.close()
-    if rank == 0:
-        final = history[-1] if history else {}
-        log = {
-            "log_history": history,
-            "train_metrics": {"train_runtime": time.monotonic() - run_started, "iterations": iterations},
-            "global_step": iterations,
-            "resumed_from": resumed_from,
-            "resumed_step": start if resumed_from else None,
-            "model_summary": model_summary(actor.policy),
-            "probe": probe,
-        }
-        (work_dir / WORKER_INFO).write_text(json.dumps({**info, "sync_method": final.get("sync_method")}))
-        (work_dir / TRAIN_LOG).write_text(json.dumps(log, default=float))
-        shutil.rmtree(work_dir / "sync", ignore_errors=True)
+        deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo")
+    load = dict(trust_remote_code=job.trust_remote_code)
+    policy = load_policy(job.model_source, config.peft, job.precision,
+                         gradient_checkpointing=config.train.gradient_checkpointing, **load)
+    critic_config = config.critic_config
+    actor = ActorCritic(policy, value_head=critic_config is not None and critic_config.mode == "shared")
+    ref_model = None if is_peft(policy) else load_reference(job.model_source, config.peft, job.precision, **load)
+    critic_model = load_critic_model(config, job.critic_source, job.precision, tokenizer.pad_token_id,
+                                     job.trust_remote_code)
+    rows = [json.loads(line) for line in open(job.train_file)]
+    plan = PromptPlan(rows, config.rollout.prompts_per_step, rank, world, config.train.seed)
+    total_steps = optimizer_steps(config, job.iterations, plan.per_rank * config.rollout.n)
+    policy_trainee = Trainee(actor, config.train.lr, config, job.precision, total_steps)
+    algo = config.algorithm
+    run = PPORun(
+        job=job, config=config, rank=rank, world=world, tokenizer=tokenizer, actor=policy_trainee.module,
+        ref_model=ref_model, policy=policy_trainee,
+        critic=build_critic(config, critic_model, job.precision, total_steps), plan=plan,
+        engines=RolloutGroup(my_engines(args["engines"], rank, world)), all_engines=RolloutGroup(args["engines"]),
+        rewards=RewardSources(config.reward_fn, args.get("reward_actor") or job.reward_model_dir),
+        kl_ctl=(AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target
+                else FixedKLController(algo.kl_coef)),
+    )
+    resume(run)
+    run.history = load_history(run.work_dir, run.start) if rank == 0 else []
+    run.writer = tensorboard_writer(job, run.start) if rank == 0 else None
+    if run.start > 0:  # the engines start from the initial policy: bring them to the restored one
+        sync(run, run.start)
+    return run
 
 
-def ppo_update(exp, policy_trainee: Trainee, critic_trainee: Trainee | None, algo: dict, train: dict,
-               temperature: float, kl_coef: float, seed: int) -> dict:
+def optimizer_steps(config: PPOConfig, iterations: int, samples_per_rank: int) -> int:
+    """Optimizer steps over the run (the LR schedule's length)."""
+    minibatches = math.ceil(samples_per_rank / config.train.batch_size)
+    return iterations * config.algorithm.ppo_epochs * max(1, minibatches // config.train.grad_accum)
+
+
+def resume(run: PPORun) -> None:
+    with ckpt.find_resume(run.work_dir) as folder:
+        if folder is None:
+            return
+        state = ckpt.restore(folder, {"policy": run.policy, **run.critic.trainees()}, run.rank)
+        run.start, run.resumed_from = state["iteration"], str(folder)
+        if isinstance(run.kl_ctl, AdaptiveKLController):
+            run.kl_ctl.value = state["kl_coef"]
+        if run.rank == 0:
+            stage_log(run.job.stage, f"resuming from {folder} (iteration {run.start})")
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def rollout(run: PPORun, iteration: int) -> tuple[list, dict[str, float]]:
+    """``n`` samples for each of this rank's prompts of the iteration; the engines sleep after (colocate)."""
+    from stages.chat_templates import conversation_ids
+    from stages.rollout import SamplingParams
+
+    rollout_config, seed = run.config.rollout, run.config.train.seed
+    indices = run.plan.indices(iteration)
+    for i in indices:
+        if i not in run.token_cache:
+            run.token_cache[i] = conversation_ids(run.tokenizer, run.plan.rows[i]["prompt"], add_generation_prompt=True)
+    params = SamplingParams(max_new_tokens=rollout_config.max_new_tokens, temperature=rollout_config.temperature,
+                            top_p=rollout_config.top_p, top_k=rollout_config.top_k, n=rollout_config.n,
+                            seed=seed * 1_000_003 + iteration * 10_007 + run.rank * 101)
+    started = time.perf_counter()
+    results = run.engines.generate([run.token_cache[i] for i in indices], params)
+    seconds = {"rollout": time.perf_counter() - started}
+    if rollout_config.colocate:
+        ckpt.barrier()
+        if run.rank == 0:
+            run.all_engines.sleep()
+    return results, seconds
+
+
+def score(run: PPORun, iteration: int, results: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sequence scores of the samples (every reward source summed), whether each ended, and each source's part."""
+    from stages.data.records import PromptExample
+
+    indices = run.plan.indices(iteration)
+    examples = [PromptExample.from_trl(run.plan.rows[i]) for i in indices for _ in range(run.config.rollout.n)]
+    totals, parts = run.rewards(examples, [r.response_text for r in results])
+    scores = torch.tensor(totals, dtype=torch.float32, device=run.device)
+    finished = torch.tensor([r.finished for r in results], device=run.device)
+    return scores, finished, parts
+
+
+def experience(run: PPORun, results: list, scores: torch.Tensor, finished: torch.Tensor) -> tuple[Experience, float]:
+    """The padded batch, the engines' log-probs, and the trainer's old/ref log-probs, values and advantages."""
+    started = time.perf_counter()
+    batch = pack([r.prompt_ids for r in results], [r.response_ids for r in results],
+                 run.tokenizer.pad_token_id).to(run.device)
+    engine_logprobs = torch.zeros_like(batch.mask)
+    for row, r in enumerate(results):
+        engine_logprobs[row, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+    run.actor.eval()
+    run.critic.train(False)
+    config = run.config
+    exp = make_experience(run.actor, run.critic, run.ref_model, batch, engine_logprobs, scores, finished,
+                          config.algorithm, run.kl_ctl.value, config.rollout.n,
+                          chunk=max(config.train.batch_size, 16), temperature=config.rollout.temperature)
+    return exp, time.perf_counter() - started
+
+
+def update(run: PPORun, exp: Experience, iteration: int) -> tuple[dict, float]:
+    """The PPO epochs over one iteration's experience; their mean stats and the seconds they took."""
+    started = time.perf_counter()
+    run.actor.train()
+    run.critic.train(True)
+    stats = ppo_update(exp, run.policy, run.critic, run.config, run.kl_ctl.value,
+                       seed=run.config.train.seed * 7919 + iteration)
+    return stats, time.perf_counter() - started
+
+
+def sync(run: PPORun, step: int) -> dict:
+    """The policy to every engine (woken first under colocate)."""
+    if run.config.rollout.colocate and run.rank == 0:
+        run.all_engines.wake()
+    return sync_weights(run.actor, run.all_engines if run.rank == 0 else None, run.work_dir, step,
+                        run.config.rollout.sync)
+
+
+def ppo_update(exp: Experience, policy: Trainee, critic: Critic, config: PPOConfig, kl_coef: float,
+               seed: int) -> dict:
     """``ppo_epochs`` passes over shuffled mini-batches of one iteration's experience; mean stats."""
+    algo, batch_size, temperature = config.algorithm, config.train.batch_size, config.rollout.temperature
     n = exp.batch.mask.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    shared = policy_trainee.module.value_head is not None
-    kl_in_loss = algo["kl_placement"] == "loss"
     sums: dict[str, float] = {}
     count = 0
-    for _ in range(algo["ppo_epochs"]):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, train["batch_size"]):
-            idx = order[start:start + train["batch_size"]]
-            part: Batch = exp.batch.rows(idx)
-            mask = part.mask
-            args = (part.input_ids, part.attention_mask, part.position_ids, part.T)
-            logits, values = policy_trainee.forward(*args, with_values=shared)
-            logp = response_logprobs(logits, part, temperature)
-            loss, stats = ppo_policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], mask,
-                                          clip_eps=algo["clip_eps"], clip_eps_high=algo["clip_eps_high"],
-                                          loss_agg=algo["loss_agg"])
-            entropy = entropy_from_logits(logits.detach() / temperature if not algo["entropy_coef"] else
-                                          logits / temperature, mask)
-            if algo["entropy_coef"]:
-                loss = loss - algo["entropy_coef"] * entropy
-            if kl_in_loss and kl_coef:
-                kl_loss = aggregate_loss(k3(logp, exp.ref_logprobs[idx]) * mask, mask, algo["loss_agg"])
-                loss = loss + kl_coef * kl_loss
-                stats["kl_loss"] = kl_loss.detach()
-            if shared:
-                v_loss, v_stats = value_loss(values, exp.values[idx], exp.returns[idx], mask,
-                                             clip_eps=algo["value_clip_eps"], loss_agg=algo["loss_agg"])
-                loss = loss + algo["vf_coef"] * v_loss
-                stats.update(v_stats)
-            policy_trainee.backward(loss)
-            policy_trainee.step()
-            if critic_trainee is not None:
-                v = critic_trainee.forward(*args)
-                v_loss, v_stats = value_loss(v, exp.values[idx], exp.returns[idx], mask,
-                                             clip_eps=algo["value_clip_eps"], loss_agg=algo["loss_agg"])
-                critic_trainee.backward(v_loss)
-                critic_trainee.step()
-                stats.update(v_stats)
-            stats["entropy_train"] = entropy.detach()
-            stats["loss"] = loss.detach()
+    for _ in range(algo.ppo_epochs):
+        order = torch.randperm(n, generator=generator).to(exp.batch.mask.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            stats = minibatch_step(exp, idx, policy, critic, config, kl_coef, temperature)
             for key, value in stats.items():
-                if key == "ratio_max":
-                    sums[key] = max(sums.get(key, 0.0), float(value))
-                else:
-                    sums[key] = sums.get(key, 0.0) + float(value)
+                sums[key] = max(sums.get(key, 0.0), float(value)) if key == "ratio_max" else \
+                    sums.get(key, 0.0) + float(value)
             count += 1
     return {k: (v if k == "ratio_max" else v / max(count, 1)) for k, v in sums.items()}
 
 
+def minibatch_step(exp: Experience, idx: torch.Tensor, policy: Trainee, critic: Critic, config: PPOConfig,
+                   kl_coef: float, temperature: float) -> dict:
+    """One optimizer micro-step of the policy (and the critic) on the rows ``idx``; its stats."""
+    algo = config.algorithm
+    part: Batch = exp.batch.rows(idx)
+    mask = part.mask
+    forward_args = (part.input_ids, part.attention_mask, part.position_ids, part.T)
+    logits, values = policy.forward(*forward_args, with_values=critic.shares_policy)
+    logp = response_logprobs(logits, part, temperature)
+    loss, stats = ppo_policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], mask, clip_eps=algo.clip_eps,
+                                  clip_eps_high=algo.clip_eps_high, loss_agg=algo.loss_agg)
+    # The entropy bonus needs its gradient only when it is in the loss.
+    entropy = entropy_from_logits((logits if algo.entropy_coef else logits.detach()) / temperature, mask)
+    if algo.entropy_coef:
+        loss = loss - algo.entropy_coef * entropy
+    if algo.kl_placement == "loss" and kl_coef:
+        kl_loss = aggregate_loss(k3(logp, exp.ref_logprobs[idx]) * mask, mask, algo.loss_agg)
+        loss = loss + kl_coef * kl_loss
+        stats["kl_loss"] = kl_loss.detach()
+    value_term, value_stats = critic.policy_loss_term(values, exp, idx, mask, algo)
+    loss = loss + value_term
+    stats.update(value_stats)
+    policy.backward(loss)
+    policy.step()
+    stats.update(critic.update(forward_args, exp, idx, mask, algo))
+    stats["entropy_train"] = entropy.detach()
+    stats["loss"] = loss.detach()
+    return stats
+
+
 # --------------------------------------------------------------------------- records
+
+
+def record(run: PPORun, step: int, exp: Experience, scores: torch.Tensor, finished: torch.Tensor, parts: dict,
+           stats: dict, seconds: dict[str, float], synced: dict) -> dict:
+    """The iteration's metrics, reduced over ranks; rank 0 appends them to the history, the JSONL file,
+    TensorBoard and the log; the adaptive KL controller sees the measured KL."""
+    mask = exp.batch.mask
+    local = {
+        "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "score_mean": float(exp.scores.mean()), "response_length": float(mask.sum(-1).mean()),
+        "finished_fraction": float(finished.float().mean()), "kl_coef": float(run.kl_ctl.value),
+        "rollout_tokens": float(mask.sum()), "rollout_seconds": seconds["rollout"],
+        "training_tokens": float(exp.batch.attention_mask.sum()) * run.config.algorithm.ppo_epochs,
+        "training_seconds": seconds["training"], "experience_seconds": seconds["experience"],
+        "sync_seconds": synced["sync_seconds"], "lr": run.policy.lr, "iteration_seconds": seconds["iteration"],
+        "samples": float(mask.shape[0]),
+        **{f"reward_{name}_mean": sum(v) / len(v) for name, v in parts.items() if len(parts) > 1},
+        **stats,
+    }
+    if exp.values is not None:
+        local["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
+    metrics = {k: v for k, v in reduce_metrics(local, REDUCE_OPS, run.device).items() if not math.isnan(v)}
+    metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(metrics["rollout_seconds"], 1e-9)
+    # (not "train_*": curves_from_history drops those names, they are the HF Trainer's summary keys)
+    metrics["training_tokens_per_s"] = metrics["training_tokens"] / max(metrics["training_seconds"], 1e-9)
+    metrics["samples_per_s"] = metrics["samples"] / max(metrics["iteration_seconds"], 1e-9)
+    run.kl_ctl.update(metrics["kl"], n_steps=run.samples_per_rank * run.world)
+    metrics["step"] = step
+    entry = {**metrics, "sync_method": synced.get("sync_method", "")}
+    if run.rank == 0:
+        write_records(run, step, entry)
+    return entry
+
+
+def write_records(run: PPORun, step: int, entry: dict) -> None:
+    run.history.append(entry)
+    append_metrics(run.work_dir, entry)
+    if run.writer is not None:
+        for key, value in entry.items():
+            if key not in ("step", "sync_method"):
+                run.writer.add_scalar(f"ppo/{key}", value, step)
+        run.writer.flush()
+    if step % run.config.train.logging_steps == 0 or step == run.job.iterations or step == run.start + 1:
+        value_loss = f"value_loss {entry['value_loss']:.4f} " if "value_loss" in entry else ""
+        stage_log(run.job.stage, f"iteration {step}/{run.job.iterations} reward {entry['reward_mean']:.3f} "
+                  f"kl {entry['kl']:.4f} entropy {entry['entropy']:.3f} {value_loss}"
+                  f"rollout {entry['rollout_tokens_per_s']:.0f} tok/s sync {entry['sync_seconds']:.2f}s "
+                  f"({entry['sync_method']})", run.started)
+
+
+def report(run: PPORun, step: int, entry: dict) -> None:
+    """``ray.train.report`` of the iteration, with a checkpoint every ``train.save_steps`` (not at the end)."""
+    import ray.train
+
+    save_steps = run.config.train.save_steps
+    if save_steps and step % save_steps == 0 and step < run.job.iterations:
+        trainees = {"policy": run.policy, **run.critic.trainees()}
+        folder = ckpt.save(run.work_dir, step, trainees, {"kl_coef": float(run.kl_ctl.value)}, run.rank)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if run.rank == 0 else None
+        ray.train.report(entry, checkpoint=checkpoint)
+    else:
+        ray.train.report(entry)
+
+
+def finish(run: PPORun) -> None:
+    """The final policy (and critic) as HF folders, the training log and the worker info (rank 0)."""
+    from stages.ppo.policy import parameter_counts
+    from stages.worker import model_summary, probe_outputs
+
+    run.actor.eval()
+    save_policy(run.actor, Path(run.job.model_dir), run.tokenizer)
+    run.critic.save(run.actor, run.work_dir / "critic", run.rank)
+    probe = probe_outputs(run.actor.policy, run.tokenizer)
+    if run.writer is not None:
+        run.writer.close()
+    if run.rank != 0:
+        return
+    log = {
+        "log_history": run.history,
+        "train_metrics": {"train_runtime": time.monotonic() - run.started, "iterations": run.job.iterations},
+        "global_step": run.job.iterations,
+        "resumed_from": run.resumed_from,
+        "resumed_step": run.start if run.resumed_from else None,
+        "model_summary": model_summary(run.actor.policy),
+        "probe": probe,
+    }
+    info = {"reference": "adapter-disabled policy" if run.ref_model is None else "frozen copy",
+            "critic": run.critic.mode, "sync_method": run.history[-1].get("sync_method") if run.history else None,
+            **parameter_counts(run.actor, run.critic.module, run.ref_model)}
+    (run.work_dir / WORKER_INFO).write_text(json.dumps(info))
+    (run.work_dir / TRAIN_LOG).write_text(json.dumps(log, default=float))
+    shutil.rmtree(run.work_dir / "sync", ignore_errors=True)
 
 
 def load_history(work_dir: Path, start: int) -> list[dict]:
@@ -586,27 +396,17 @@ def load_history(work_dir: Path, start: int) -> list[dict]:
     return history
 
 
-def append_metrics(work_dir: Path, record: dict) -> None:
+def append_metrics(work_dir: Path, entry: dict) -> None:
     with open(work_dir / METRICS_FILE, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json.dumps(entry) + "\n")
 
 
-def tensorboard_writer(args: dict, start: int):
+def tensorboard_writer(job, start: int):
     import os
 
-    if args["report_to"] != "tensorboard":
+    if job.report_to != "tensorboard":
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    log_dir = args["env"].get("TENSORBOARD_LOGGING_DIR") or os.environ.get("TENSORBOARD_LOGGING_DIR")
+    log_dir = job.env.get("TENSORBOARD_LOGGING_DIR") or os.environ.get("TENSORBOARD_LOGGING_DIR")
     return SummaryWriter(log_dir=log_dir, purge_step=start + 1 if start else None) if log_dir else None
-
-
-@torch.no_grad()
-def probe_outputs(actor: ActorCritic, tokenizer) -> dict:
-    """The final policy's last-position logits on a fixed text (checks the saved folder; see stages.worker)."""
-    from stages.worker import PROBE_TEXT
-
-    ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
-    logits = causal_lm(actor.policy)(input_ids=ids).logits
-    return {"text": PROBE_TEXT, "logits": logits[0, -1].float().cpu().tolist()}

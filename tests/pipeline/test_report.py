@@ -214,7 +214,7 @@ def test_reward_models_table():
 
 
 def test_reward_against_kl_curves_are_found_and_drawn():
-    from pipeline.report import plot_reward_kl, reward_kl_curves
+    from pipeline.report_figures import plot_reward_kl, reward_kl_curves
 
     curve = [{"step": s, "value": 0.1 * s} for s in range(1, 8)]
     assert reward_kl_curves({"reward_mean": curve, "kl": curve, "kl_coef": curve}) == ("reward_mean", "kl")

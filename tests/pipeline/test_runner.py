@@ -51,6 +51,9 @@ def test_input_uses_an_existing_hf_folder(ray_cluster, tiny_base, tmp_path):
     assert artifacts["sft_a"].path == tiny_base
     assert artifacts["sft_b"].manifest["status"] == "complete"
     assert not (tmp_path / "t" / "sft_a").exists(), "--input must not run the stage"
+    # The raw output of every Ray process stays reachable from the run folder (quiet or verbose).
+    ray_logs = tmp_path / "t" / "logs" / "ray"
+    assert ray_logs.is_symlink() and any(ray_logs.glob("worker-*.out")), ray_logs
 
 
 def test_killed_stage_leaves_nothing_complete_and_resumes(ray_cluster, tiny_base, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.spec import DeepSpeedConfig, PeftConfig
+from stages.config import DeepSpeedConfig, PeftConfig
 from stages.ds_config import deepspeed_config
 from stages.models import is_adapter, merge_adapter, peft_config
 

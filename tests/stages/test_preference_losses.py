@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.spec import DPOConfig, SpecError, parse_spec
+from pipeline.spec import SpecError, parse_spec
+
+from stages.dpo import DPOConfig
 from stages import preference_losses
 from stages.dpo import build_trainer
 

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from stages.data.records import KTOExample, Message, PreferencePair, PromptExample, SFTExample
-from stages.tasks import TASKS, TaskSource, get_task
+from stages.tasks import TASKS, get_task
 from stages.tasks.addition import AdditionTask, Problem, parse_problem
 from stages.tasks.gsm8k import answers_match, extract_gold, extract_prediction
 
@@ -29,13 +29,6 @@ def test_registry_and_unknown_name():
     assert isinstance(get_task("addition", flaw_rate=0.5), AdditionTask)
     with pytest.raises(ValueError, match="addition.*gsm8k"):
         get_task("nope")
-
-
-def test_task_source_hook_loads_with_default_parameters():
-    source = TaskSource("addition")
-    data = source("prompt", "test", 3)
-    assert len(data.records) == 3 and data.format == "builtin:addition"
-    assert source.version == AdditionTask().fingerprint()
 
 
 def test_fingerprint_follows_parameters():

@@ -36,7 +36,7 @@ ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, _skip_without_vll
 
 MATCH_TOL = 2e-3  # engine vs reference log-probs (float32: measured ~1e-6)
 CHANGE_MIN = 0.05  # an update must move some log-prob by more than this (nats)
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 USER_TURNS = ["count from 12", "upper: red sun", "hello there", "count from 7", "abc"]
 
 

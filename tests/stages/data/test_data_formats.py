@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.data import BUILTIN_SOURCES, FORMATS, DataError, fingerprint_source, load_records
-from stages.data.records import KTOExample, LoadedData, Message, PreferencePair, PromptExample, SFTExample
+from stages.data import FORMATS, DataError, fingerprint_source, load_records
+from stages.data.records import KTOExample, Message, PreferencePair, PromptExample, SFTExample
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -535,21 +535,6 @@ def test_limit_truncates_a_record_that_gives_many(tmp_path: Path) -> None:
     assert len(data.records) == 2 and data.read == 1
 
 
-def test_builtin_sources_hook(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-
-    def fake(kind: str, split: str, limit: int | None) -> LoadedData:
-        calls.append((kind, split, limit))
-        return LoadedData(records=[], format="builtin", files=[])
-
-    monkeypatch.setitem(BUILTIN_SOURCES, "toy", fake)
-    load_records("builtin:toy", "prompt")
-    load_records("builtin:toy/test", "sft", limit=5)
-    assert calls == [("prompt", "train", None), ("sft", "test", 5)]
-    with pytest.raises(DataError, match="unknown built-in source 'nope'; known: .*toy"):
-        load_records("builtin:nope", "prompt")
-
-
 def test_fingerprint_source(tmp_path: Path) -> None:
     folder = tmp_path / "d"
     folder.mkdir()
@@ -560,7 +545,6 @@ def test_fingerprint_source(tmp_path: Path) -> None:
     assert fingerprint_source(str(folder / "a.jsonl")) != before
     write_jsonl(folder / "b.jsonl", [{"question": "q2", "answer": "c"}])
     assert fingerprint_source(str(folder)) != before
-    assert fingerprint_source("builtin:gsm8k") == hashlib.sha256(b"builtin:gsm8k").hexdigest()
 
 
 def test_every_format_is_registered() -> None:

@@ -100,7 +100,7 @@ def test_spec_edges_and_validation():
     assert [d.path for d in config.task_data] == ["builtin:addition/test"]  # gsm8k reads prompts:
     from stages.evaluate.stage import choose_reference
 
-    assert choose_reference(config, spec) == "sft"
+    assert choose_reference(config, {name: c.kind for name, c in spec.stages.items()}) == "sft"
     with pytest.raises(Exception, match="unknown task 'additon'; did you mean addition"):
         parse_spec({"name": "t", "stages": {"eval": {"models": ["base"], "tasks": ["additon"]}}})
     with pytest.raises(Exception, match="something to evaluate"):

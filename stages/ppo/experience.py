@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from stages.ppo.config import AlgorithmConfig
+from stages.ppo.critic import Critic
 from stages.rl import (
     AdvantageInputs,
     compute_advantages,
@@ -91,7 +93,7 @@ class Experience:
 
 
 @torch.no_grad()
-def forward_old(actor, critic, ref_model, batch: Batch, chunk: int, temperature: float):
+def forward_old(actor, critic: Critic, ref_model, batch: Batch, chunk: int, temperature: float):
     """Old log-probs, reference log-probs and values, in chunks of ``chunk`` rows (no grad)."""
     from stages.ppo.policy import reference_logits
 
@@ -99,47 +101,46 @@ def forward_old(actor, critic, ref_model, batch: Batch, chunk: int, temperature:
     for start in range(0, batch.mask.shape[0], chunk):
         part = batch.rows(slice(start, start + chunk))
         args = (part.input_ids, part.attention_mask, part.position_ids, part.T)
-        logits, v = actor(*args, with_values=critic is None)
+        logits, v = actor(*args, with_values=critic.shares_policy)
         old.append(response_logprobs(logits, part, temperature))
         entropy.append(entropy_per_token(logits / temperature) * part.mask)
         ref.append(response_logprobs(reference_logits(actor, ref_model, *args), part, temperature))
-        if critic is not None:
-            v = critic(*args)
+        v = critic.values(v, args)
         if v is not None:
             values.append(v * part.mask)
     return (torch.cat(old), torch.cat(ref), torch.cat(values) if values else None, torch.cat(entropy))
 
 
-def shape_scores(scores: Tensor, finished: Tensor, algo: dict) -> Tensor:
+def shape_scores(scores: Tensor, finished: Tensor, algo: AlgorithmConfig) -> Tensor:
     from stages.rl import apply_unfinished_penalty
 
-    if algo.get("unfinished_penalty") is not None:
-        scores = apply_unfinished_penalty(scores, finished, algo["unfinished_penalty"])
-    if algo.get("reward_clip") is not None:
-        scores = scores.clamp(-algo["reward_clip"], algo["reward_clip"])
+    if algo.unfinished_penalty is not None:
+        scores = apply_unfinished_penalty(scores, finished, algo.unfinished_penalty)
+    if algo.reward_clip is not None:
+        scores = scores.clamp(-algo.reward_clip, algo.reward_clip)
     return scores
 
 
-def advantages_for(algo: dict, batch: Batch, scores: Tensor, kl: Tensor, kl_coef: float, values: Tensor | None,
-                   group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def advantages_for(algo: AlgorithmConfig, batch: Batch, scores: Tensor, kl: Tensor, kl_coef: float,
+                   values: Tensor | None, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(advantages, returns, token_rewards)`` with the configured estimator (``stages.rl.compute_advantages``)."""
-    name = algo["advantage"]
-    kl_in_reward = algo["kl_placement"] == "reward"
+    name = algo.advantage
+    kl_in_reward = algo.kl_placement == "reward"
     rewards = token_rewards(scores, kl, kl_coef if kl_in_reward else 0.0, batch.mask)
     inputs = AdvantageInputs(mask=batch.mask, scores=scores, token_rewards=rewards, values=values,
-                             group_size=group_size, gamma=algo["gamma"], lam=algo["lam"],
-                             normalize_std=algo["normalize_std"])
+                             group_size=group_size, gamma=algo.gamma, lam=algo.lam,
+                             normalize_std=algo.normalize_std)
     advantages, returns = compute_advantages(name, inputs)
-    if name == "gae" and algo["whiten_advantages"] and batch.mask.sum() > 1:
+    if name == "gae" and algo.whiten_advantages and batch.mask.sum() > 1:
         advantages = masked_whiten(advantages, batch.mask)
     return advantages, returns, rewards
 
 
-def make_experience(actor, critic, ref_model, batch: Batch, engine_logprobs: Tensor, scores: Tensor,
-                    finished: Tensor, algo: dict, kl_coef: float, group_size: int, chunk: int,
+def make_experience(actor, critic: Critic, ref_model, batch: Batch, engine_logprobs: Tensor, scores: Tensor,
+                    finished: Tensor, algo: AlgorithmConfig, kl_coef: float, group_size: int, chunk: int,
                     temperature: float) -> Experience:
     old, ref, values, entropy = forward_old(actor, critic, ref_model, batch, chunk, temperature)
-    kl = compute_kl(old, ref, algo["kl_estimator"], batch.mask)
+    kl = compute_kl(old, ref, algo.kl_estimator, batch.mask)
     shaped = shape_scores(scores, finished, algo)
     advantages, returns, rewards = advantages_for(algo, batch, shaped, kl, kl_coef, values, group_size)
     mask = batch.mask

@@ -20,7 +20,7 @@ from tests.helpers import kill_at_first_checkpoint, with_overrides
 
 from pipeline.spec import SpecError, parse_spec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def ppo_stage(**overrides) -> dict:
@@ -76,7 +76,7 @@ def test_reward_sources_and_dag_edge(tmp_path):
 
 
 def test_vllm_lora_rank_is_checked_before_anything_starts():
-    from pipeline.spec import PPOConfig
+    from stages.ppo.config import PPOConfig
     from stages.ppo.stage import check_vllm_lora
 
     config = PPOConfig.model_validate(ppo_stage(peft={"method": "lora", "r": 16},
@@ -107,7 +107,7 @@ def test_packed_batch_computes_what_each_row_computes_alone():
     import torch
 
     from stages.ppo.policy import ActorCritic
-    from stages.ppo.rollout import pack, response_logprobs
+    from stages.ppo.experience import pack, response_logprobs
 
     actor = ActorCritic(tiny_llama(), value_head=True).eval()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
@@ -131,22 +131,24 @@ def test_packed_batch_computes_what_each_row_computes_alone():
 def test_advantages_by_estimator_and_kl_placement():
     import torch
 
-    from stages.ppo.rollout import advantages_for, pack
+    from stages.ppo.config import AlgorithmConfig
+    from stages.ppo.experience import advantages_for, pack
 
     batch = pack([[1, 2]] * 4, [[3, 4], [3], [5, 6], [7]], pad_id=0)
     scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
     kl = torch.full_like(batch.mask, 0.5) * batch.mask
-    base = {"gamma": 1.0, "lam": 1.0, "normalize_std": True, "whiten_advantages": False}
-    adv, _, rewards = advantages_for({**base, "advantage": "grpo", "kl_placement": "loss"}, batch, scores, kl, 0.1,
-                                     None, group_size=2)
+
+    def algo(advantage: str, kl_in: str) -> AlgorithmConfig:
+        return AlgorithmConfig(advantage=advantage, kl_in=kl_in, gamma=1.0, lam=1.0, whiten_advantages=False)
+
+    adv, _, rewards = advantages_for(algo("grpo", "loss"), batch, scores, kl, 0.1, None, group_size=2)
     assert torch.equal(rewards.sum(-1), scores)  # KL not in the reward: it goes in the loss
     assert adv[0, 0] > 0 > adv[1, 0]
-    adv, returns, rewards = advantages_for({**base, "advantage": "reinforce_pp", "kl_placement": "reward"}, batch,
-                                           scores, kl, 0.1, None, group_size=1)
+    adv, returns, rewards = advantages_for(algo("reinforce_pp", "reward"), batch, scores, kl, 0.1, None,
+                                           group_size=1)
     assert torch.allclose(rewards.sum(-1), scores - 0.05 * batch.mask.sum(-1))
     values = torch.zeros_like(batch.mask)
-    adv, returns, _ = advantages_for({**base, "advantage": "gae", "kl_placement": "reward"}, batch, scores, kl, 0.0,
-                                     values, group_size=1)
+    adv, returns, _ = advantages_for(algo("gae", "reward"), batch, scores, kl, 0.0, values, group_size=1)
     assert torch.allclose(returns[:, 0], scores)  # gamma = lam = 1, V = 0: return = score
 
 
@@ -157,7 +159,7 @@ def _sft_step(actor, batch, lr: float, steps: int = 3) -> None:
     """A few optimizer steps that raise the log-probs of ``batch``'s responses (any update would do)."""
     import torch
 
-    from stages.ppo.rollout import response_logprobs
+    from stages.ppo.experience import response_logprobs
 
     params = [p for p in actor.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -176,15 +178,16 @@ def test_sync_makes_engine_log_probs_match_the_trainer(ray_cluster, tiny_base, t
     trainer's policy, and differently from before the update."""
     import torch
 
-    from pipeline.spec import PeftConfig
+    from stages.config import PeftConfig
     from stages.models import load_tokenizer
     from stages.ppo.policy import ActorCritic, load_policy
-    from stages.ppo.rollout import pack, response_logprobs
-    from stages.ppo.worker import prompt_token_ids, sync_weights
+    from stages.ppo.experience import pack, response_logprobs
+    from stages.chat_templates import conversation_ids
+    from stages.ppo.sync import sync_weights
     from stages.rollout.actors import RolloutGroup, create_rollout_engines
 
     tokenizer = load_tokenizer(tiny_base)
-    prompt = prompt_token_ids(tokenizer, [{"role": "user", "content": "47+38="}])
+    prompt = conversation_ids(tokenizer, [{"role": "user", "content": "47+38="}], add_generation_prompt=True)
     responses = [tokenizer("85<|im_end|>", add_special_tokens=False).input_ids,
                  tokenizer("75<|im_end|>", add_special_tokens=False).input_ids]
     batch = pack([prompt, prompt], responses, tokenizer.pad_token_id)

@@ -1,0 +1,196 @@
+"""The config sections every stage kind shares, and the base every stage config builds on.
+
+The bottom of ``stages``: it imports nothing from rayalign. A stage kind's own config class lives
+with the stage (``stages.sft.SFTConfig``, ``stages.ppo.config.PPOConfig``, ...); ``pipeline.spec``
+assembles the pipeline file from them through ``stages.registry``. Every default of a stage's
+settings is a field default here or in the stage's config class.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+class ConfigModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+def path_shorthand(value: Any) -> Any:
+    """``data: some/file.jsonl`` is short for ``data: {path: some/file.jsonl}``."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+# --------------------------------------------------------------------------- shared sections
+
+
+class BaseConfig(ConfigModel):
+    model: str = Field("builtin:tiny-llama", description="HF model id, local HF folder, or builtin:<name>.")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # Options of the builtin tiny base (ignored for real models).
+    pretrain_steps: int = Field(300, ge=0)
+    seed: int = 0
+
+
+class DataConfig(ConfigModel):
+    path: str = Field(description="A file, a folder, or builtin:<task>[/<split>].")
+    format: str | None = Field(None, description="Data format; detected when absent.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many records.")
+    eval_path: str | None = Field(None, description="Held-out data for eval loss (same format).")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Hold out this fraction when eval_path is absent.")
+
+
+# A data field: a DataConfig, or just its path as a string.
+DataSection = Annotated[DataConfig, BeforeValidator(path_shorthand)]
+
+
+class PeftConfig(ConfigModel):
+    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning"] = "lora"
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+    num_virtual_tokens: int = Field(16, ge=1, description="prompt_tuning only.")
+
+
+class TrainConfig(ConfigModel):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="Per-worker micro-batch size.")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=8)
+    seed: int = 0
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (resume point).")
+    eval_steps: int | None = Field(None, ge=1)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 where the hardware has it, else fp32."
+    )
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evals without improvement.")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1.0
+        return self
+
+
+class ScalingConfig(ConfigModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+
+
+class DeepSpeedConfig(ConfigModel):
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(None, description="None disables DeepSpeed.")
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and (self.zero_stage or 0) < 1:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class TrackingConfig(ConfigModel):
+    backend: Literal["tensorboard", "mlflow", "wandb", "none"] = "tensorboard"
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default a file store in the run folder.")
+    project: str | None = Field(None, description="wandb project (default: the pipeline name).")
+
+
+# --------------------------------------------------------------------------- stage configs
+
+
+class StageConfig(ConfigModel):
+    """Fields every stage kind has."""
+
+    kind: str
+    from_: str | None = Field(None, alias="from", description="Upstream stage whose model this stage starts from.")
+
+    # Names of fields that reference other stages (the DAG is derived from these).
+    upstream_fields: ClassVar[tuple[str, ...]] = ("from_",)
+    # Fields (or properties) holding DataConfigs -> the record kind the loader must produce for each.
+    data_inputs: ClassVar[dict[str, str]] = {}
+
+    def record_kind(self, field_name: str, default: str) -> str:
+        """The record kind of a data input; a kind whose settings choose it (dpo's kto loss) overrides this."""
+        return default
+
+    def upstream(self) -> dict[str, str]:
+        """Role -> upstream stage name, for every reference this stage makes."""
+        refs = {}
+        for field_name in self.upstream_fields:
+            value = getattr(self, field_name)
+            values = value if isinstance(value, list) else [value]
+            for i, v in enumerate(values):
+                if v is not None:
+                    role = field_name.rstrip("_")
+                    refs[role if len(values) == 1 else f"{role}[{i}]"] = v
+        return refs
+
+
+class TrainingStageConfig(StageConfig):
+    """Fields of every stage that runs a Ray Train job."""
+
+    from_: str | None = Field("base", alias="from")
+    data: DataSection
+    peft: PeftConfig = PeftConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    chat_template: str | None = Field(None, description="None: the model's own; or chatml, alpaca, vicuna.")
+    merge: bool = Field(False, description="Also write the adapter merged into the base as a full model.")
+
+
+
+# --------------------------------------------------------------------------- did-you-mean
+
+
+def suggest(word: str, candidates, aliases: bool = False) -> str:
+    """``"; did you mean X?"`` for a misspelled key or name (empty when nothing is close)."""
+    names = []
+    for name in candidates:
+        field = candidates[name] if aliases else None
+        names.append(field.alias if field is not None and field.alias else name)
+    names = [n for n in names if n not in ("source",)]
+    # Synonyms from other tools first (HF/TRL names), since difflib cannot see lerning_rate -> lr.
+    guess = SYNONYMS.get(word) or next(
+        (v for k, v in SYNONYMS.items() if difflib.SequenceMatcher(None, word, k).ratio() > 0.8), None
+    )
+    match = [guess] if guess in names else difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+SYNONYMS = {
+    "learning_rate": "lr",
+    "steps": "max_steps",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "lr_scheduler_type": "lr_schedule",
+    "stage": "zero_stage",
+    "max_seq_length": "max_length",
+    "workers": "num_workers",
+}

@@ -1,0 +1,107 @@
+"""The ``eval`` stage's config (``kind: eval``): the models, the held-out data, how to generate."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from stages.config import ConfigModel, DataConfig, DataSection, StageConfig, suggest
+from stages.stage import StageKind
+from stages.tasks import TASKS
+
+
+class EvalGenerationConfig(ConfigModel):
+    """How the eval stage samples: the rollout engines of ``stages.rollout`` in a Ray Data actor pool."""
+
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm where it imports, else hf.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy (the default).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    num_samples: int = Field(
+        4, ge=0, description="Samples per prompt (temperature 1) for the KL estimate; 0 skips KL."
+    )
+    kl_prompts: int = Field(32, ge=1, description="Prompts (the first ones) sampled for the KL estimate.")
+    batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch.")
+    concurrency: int = Field(1, ge=1, description="Engine actors in the Ray Data actor pool.")
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")
+
+
+class EvalTaskConfig(ConfigModel):
+    """A verifier task; ``data`` absent: ``builtin:<name>/test`` for generator tasks, else the
+    ``prompts:`` records that carry an answer (GSM8K files)."""
+
+    name: str
+    data: DataSection | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in TASKS:
+            raise ValueError(f"unknown task {value!r}{suggest(value, TASKS)} (valid: {', '.join(sorted(TASKS))})")
+        return value
+
+
+
+class EvalConfig(StageConfig):
+    """Compare models on held-out prompts (verifier accuracy, reward-model score, win rate and KL
+    against a reference, perplexity, implicit-reward ranking); see ``stages.evaluate``."""
+
+    kind: Literal["eval"] = "eval"
+    # task_data: a property, the tasks' prompt files (builtin:<task>/test by default)
+    data_inputs: ClassVar[dict[str, str]] = {"prompts": "prompt", "task_data": "prompt", "sft_data": "sft",
+                                             "preference_data": "preference"}
+    models: list[str] = Field(min_length=1, description="Stages (and base) to evaluate.")
+    reward: str | None = Field(None, description="Reward stage that scores responses (and judges win rates).")
+    reference: str | None = Field(
+        None, description="Model compared against (win rate, KL); default: the first sft stage in models, else the first."
+    )
+    prompts: list[DataSection] = Field(default_factory=list, description="Held-out prompt sets (any prompt format).")
+    tasks: list[EvalTaskConfig] = Field(default_factory=list, description="Verifier tasks: addition, gsm8k, ...")
+    sft_data: DataSection | None = Field(None, description="Held-out SFT data for perplexity.")
+    preference_data: DataSection | None = Field(None, description="Held-out pairs for implicit-reward ranking.")
+    generation: EvalGenerationConfig = EvalGenerationConfig()
+    max_prompts: int | None = Field(200, ge=1, description="At most this many prompts (and examples) per set.")
+    num_examples: int = Field(5, ge=0, description="Sample responses per model kept for the report.")
+    chat_template: str | None = Field(None, description="None: each model's own; or chatml, alpaca, vicuna.")
+
+    upstream_fields: ClassVar[tuple[str, ...]] = ("models", "reward", "reference")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_shorthand(cls, value: Any) -> Any:
+        return [v for v in (value if isinstance(value, list) else [value]) if v is not None]
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_shorthand(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        return [{"name": v} if isinstance(v, str) else v for v in values if v is not None]
+
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalConfig:
+        if self.from_ is not None:
+            raise ValueError("eval compares the stages listed in `models:`; it has no `from:`")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: listed twice: {sorted({m for m in self.models if self.models.count(m) > 1})}")
+        if not (self.prompts or self.tasks or self.sft_data or self.preference_data):
+            raise ValueError("eval needs something to evaluate on: prompts, tasks, sft_data or preference_data")
+        return self
+
+    @property
+    def task_data(self) -> list[DataConfig]:
+        """The prompt files of the tasks (``builtin:<task>/test`` for generator tasks); fingerprinted as data."""
+        out = []
+        for task in self.tasks:
+            if task.data is not None:
+                out.append(task.data)
+            elif TASKS[task.name].has_generator:
+                out.append(DataConfig(path=f"builtin:{task.name}/test"))
+        return out
+
+
+STAGE = StageKind("eval", EvalConfig, run="stages.evaluate.stage:run")

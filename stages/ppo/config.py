@@ -1,0 +1,165 @@
+"""The ``ppo`` stage's config: rollout engines, the RL objective, the critic (``kind: ppo``).
+
+Validators name their tables lazily (``stages.rl`` imports torch): loading a pipeline file stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from stages.config import ConfigModel, DataConfig, DataSection, TrainingStageConfig, suggest
+from stages.stage import StageKind
+from stages.tasks import TASKS
+
+
+class RolloutConfig(ConfigModel):
+    """Where and how a PPO stage samples: rollout-engine Ray actors (``stages.rollout``)."""
+
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm where it imports, else hf.")
+    num_engines: int = Field(1, ge=1)
+    cpus_per_engine: float = Field(1, ge=0)
+    gpus_per_engine: float = Field(0, ge=0)
+    colocate: bool = Field(
+        False, description="Share the training workers' resources (no bundle of their own; sleep during training)."
+    )
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per iteration over all workers.")
+    n: int = Field(1, ge=1, description="Samples per prompt (grpo / rloo need >= 2).")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    sync: Literal["auto", "state_dict", "folder"] = Field(
+        "auto", description="Full fine-tuning: send a state_dict or a saved folder (LoRA always sends the adapter)."
+    )
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")
+
+
+class AlgorithmConfig(ConfigModel):
+    """The RL objective (``stages.rl``): advantage estimator, KL, PPO clipping and loss weights."""
+
+    advantage: str = Field("gae", description="gae (critic), grpo, rloo, reinforce_pp (critic-free).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each iteration's samples.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_eps: float = Field(0.2, gt=0.0)
+    clip_eps_high: float | None = Field(None, gt=0.0, description="DAPO clip-higher; defaults to clip_eps.")
+    value_clip_eps: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.5, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    kl_coef: float = Field(0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in: Literal["auto", "reward", "loss"] = Field(
+        "auto", description="auto: in the reward for gae / reinforce_pp, in the loss (k3) for grpo / rloo."
+    )
+    kl_target: float | None = Field(None, gt=0.0, description="Set for the adaptive KL controller (Ziegler et al.).")
+    kl_horizon: float = Field(10000, gt=0.0)
+    whiten_advantages: bool = Field(True, description="gae: whiten advantages over the batch.")
+    normalize_std: bool = Field(True, description="grpo: divide by the group std (False: Dr. GRPO).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    unfinished_penalty: float | None = Field(None, description="Subtract from the score of responses cut off.")
+    reward_clip: float | None = Field(None, gt=0.0, description="Clip sequence scores to [-c, c].")
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_advantage(cls, value: str) -> str:
+        from stages.rl import ADVANTAGE_ESTIMATORS
+
+        if value not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"unknown advantage estimator {value!r}{suggest(value, ADVANTAGE_ESTIMATORS)} "
+                f"(valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))})"
+            )
+        return value
+
+    @property
+    def needs_critic(self) -> bool:
+        from stages.rl import NEEDS_CRITIC
+
+        return self.advantage in NEEDS_CRITIC
+
+    @property
+    def kl_placement(self) -> str:
+        if self.kl_in != "auto":
+            return self.kl_in
+        return "loss" if self.advantage in ("grpo", "rloo") else "reward"
+
+
+class CriticConfig(ConfigModel):
+    """The value model of critic-based estimators (gae)."""
+
+    mode: Literal["shared", "separate"] = Field(
+        "shared", description="shared: a value head on the policy backbone; separate: its own model "
+        "(initialised from the reward model when there is one, else the policy)."
+    )
+    lr: float | None = Field(None, gt=0.0, description="separate critic: its learning rate (default: train.lr).")
+
+
+class PPOConfig(TrainingStageConfig):
+    """Online RL of a policy from rollouts: PPO with a critic, or GRPO / RLOO / REINFORCE++ without; see
+    ``stages.ppo``. ``train.max_steps`` counts iterations (rollout + update), ``train.batch_size`` is the
+    per-worker mini-batch of samples."""
+
+    kind: Literal["ppo"] = "ppo"
+    data_inputs: ClassVar[dict[str, str]] = {"prompts": "prompt"}
+    data: DataConfig | None = Field(None, description="Not used by ppo: the prompts are read from `prompts`.")
+    prompts: DataSection = Field(description="Prompt-only data (any format the loader reads as prompts).")
+    reward: str | None = Field(None, description="Upstream reward stage whose model scores responses.")
+    reward_fn: str | None = Field(None, description="A verifier task name (addition, gsm8k) or module:function.")
+    reward_placement: Literal["actor", "worker"] = Field(
+        "actor", description="Reward model in a Ray actor scoring batches, or loaded in every training worker."
+    )
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    critic: CriticConfig | None = Field(None, description="gae only; critic-free estimators reject it.")
+    eval_limit: int | None = Field(
+        200, ge=1, description="Held-out prompts scored greedily at the end (verifier tasks); None: all."
+    )
+
+    upstream_fields: ClassVar[tuple[str, ...]] = ("from_", "reward")
+
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        if self.data is not None:
+            raise ValueError("ppo reads its prompts from `prompts:`, not `data:`")
+        if self.reward is None and self.reward_fn is None:
+            raise ValueError("ppo needs a reward: `reward: <reward stage>` and/or `reward_fn: <task or module:function>`")
+        if self.reward_fn is not None and ":" not in self.reward_fn:
+            if self.reward_fn not in TASKS:
+                raise ValueError(
+                    f"reward_fn {self.reward_fn!r} is neither a verifier task ({', '.join(sorted(TASKS))}) "
+                    "nor module:function"
+                )
+        algo = self.algorithm
+        if not algo.needs_critic and self.critic is not None:
+            from stages.rl import NEEDS_CRITIC
+
+            raise ValueError(
+                f"algorithm.advantage {algo.advantage!r} is critic-free: remove the `critic` section "
+                f"(a critic is used by: {', '.join(sorted(NEEDS_CRITIC))})"
+            )
+        if algo.advantage in ("grpo", "rloo") and self.rollout.n < 2:
+            raise ValueError(f"algorithm.advantage {algo.advantage!r} compares samples of a prompt: set rollout.n >= 2")
+        if self.deepspeed.zero_stage == 3 and self.peft.method == "qlora":
+            raise ValueError("qlora does not combine with ZeRO-3 here; use zero_stage 2 or none")
+        if self.peft.method not in ("full", "lora", "qlora"):
+            raise ValueError(f"ppo supports peft methods full, lora and qlora (got {self.peft.method!r})")
+        return self
+
+    @property
+    def critic_lr(self) -> float | None:
+        """The separate critic's learning rate: ``critic.lr``, else ``train.lr``."""
+        critic = self.critic_config
+        return None if critic is None else critic.lr or self.train.lr
+
+    @property
+    def critic_config(self) -> CriticConfig | None:
+        """The critic in use: the configured one, the default (shared) for gae, None for critic-free."""
+        if not self.algorithm.needs_critic:
+            return None
+        return self.critic or CriticConfig()
+
+
+STAGE = StageKind("ppo", PPOConfig, run="stages.ppo.stage:run")
