@@ -23,7 +23,9 @@ class WorkerJob(ConfigModel):
     work_dir: str  # the stage's partial artifact folder
     model_dir: str  # where the trained weights (the adapter under PEFT) are saved
     model_source: str  # the full upstream model the workers start from
-    precision: Literal["fp32", "bf16", "fp16"]  # train.precision with auto resolved
+    # train.precision; "auto" is resolved by the worker on its own hardware (stages.worker.resolve_on_worker):
+    # a CPU-only driver must not decide fp32 for GPU workers.
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
     threads: int = Field(ge=1)  # torch threads per worker (its CPUs)
     report_to: str  # tracking backend, "none" for none
     env: dict[str, str] = Field(default_factory=dict)  # set in every worker before anything loads

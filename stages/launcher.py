@@ -16,7 +16,7 @@ from typing import Callable
 
 from stages.config import TrainingStageConfig
 from stages.job import WorkerJob, worker_arguments
-from stages.models import is_adapter, merge_adapter, resolve_precision
+from stages.models import is_adapter, merge_adapter
 from stages.stage import StageContext
 
 TRAIN_LOG = "train_log.json"
@@ -65,7 +65,7 @@ def worker_job(ctx: StageContext, config: TrainingStageConfig, model_source: Pat
         work_dir=str(ctx.work_dir),
         model_dir=str(fields.pop("model_dir", ctx.model_dir)),
         model_source=str(model_source),
-        precision=resolve_precision(config.train.precision, config.scaling.use_gpu),
+        precision=config.train.precision,
         threads=max(1, int(config.scaling.cpus_per_worker)),
         report_to=report_to(ctx),
         env=worker_env(ctx),

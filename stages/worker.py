@@ -32,11 +32,19 @@ def start_worker(args: dict, config_cls: type[StageConfigT], job_cls: type[Worke
     from transformers import set_seed
 
     job, config = worker_inputs(args, config_cls, job_cls)
+    job = resolve_on_worker(job, config)
     setup_worker(job)
     # Before any model loads: a new head (the reward model's score layer) is initialised from this seed,
     # so a stage rerun with the same fingerprint trains the same model.
     set_seed(config.train.seed)
     return job, config, load_tokenizer(job.model_source, config.chat_template, job.trust_remote_code)
+
+
+def resolve_on_worker(job: WorkerJob, config: TrainingStageConfig) -> WorkerJob:
+    """The job with ``precision: auto`` resolved here, where the model runs (bf16 where the hardware has it)."""
+    from stages.models import resolve_precision
+
+    return job.model_copy(update={"precision": resolve_precision(job.precision, config.scaling.use_gpu)})
 
 
 def setup_worker(job: WorkerJob) -> None:
@@ -45,6 +53,12 @@ def setup_worker(job: WorkerJob) -> None:
     os.environ.update(job.env)
     torch.set_num_threads(job.threads)
     configure_logging()
+    if torch.cuda.is_available():
+        # This worker's GPU as the current device before anything loads: a 4-bit (QLoRA) load and
+        # NCCL otherwise put every local rank on GPU 0.
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
     from datasets.utils.logging import disable_progress_bar
     from transformers.utils import logging as hf_logging
 

@@ -141,6 +141,8 @@ def start_run(job, config: PPOConfig, tokenizer, args: dict) -> PPORun:
         kl_ctl=(AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target
                 else FixedKLController(algo.kl_coef)),
     )
+    if ref_model is not None:  # the frozen copy (full fine-tuning) goes where the policy went
+        ref_model.to(run.device)
     resume(run)
     run.history = load_history(run.work_dir, run.start) if rank == 0 else []
     run.writer = tensorboard_writer(job, run.start) if rank == 0 else None

@@ -79,3 +79,30 @@ def test_a_config_whose_validators_read_the_given_keys_survives_the_trip():
 def job_for_trip() -> WorkerJob:
     return WorkerJob(stage="dpo", work_dir="w", model_dir="w/model", model_source="m", precision="fp32", threads=1,
                      report_to="none")
+
+
+def test_precision_auto_is_resolved_where_the_model_runs(ray_cluster, tmp_path):
+    """The driver sends ``auto``; a worker whose hardware has bf16 trains in bf16 (here the check is made to
+    answer yes inside a Ray task, standing in for a GPU worker), one without it in fp32."""
+    import os
+
+    import ray
+
+    from stages.job import worker_arguments
+
+    sent = worker_arguments(job(tmp_path, precision="auto"), stage(max_steps=1, precision="auto"))
+    assert sent["job"]["precision"] == "auto"
+
+    @ray.remote(num_cpus=0)
+    def resolve_remotely(args: dict, has_bf16: bool) -> tuple[str, int]:
+        import stages.models
+        from stages.job import worker_inputs
+        from stages.sft import SFTConfig
+        from stages.worker import resolve_on_worker
+
+        stages.models.bf16_supported = lambda use_gpu: has_bf16
+        received_job, config = worker_inputs(args, SFTConfig)
+        return resolve_on_worker(received_job, config).precision, os.getpid()
+
+    (with_bf16, pid), (without, _) = ray.get([resolve_remotely.remote(sent, True), resolve_remotely.remote(sent, False)])
+    assert (with_bf16, without) == ("bf16", "fp32") and pid != os.getpid()
