@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from stages.job import PPOJob
 from stages.launcher import TRAIN_LOG, WORKER_INFO
 from stages.log import stage_log
 from stages.ppo import checkpoint as ckpt
@@ -50,7 +51,7 @@ REDUCE_OPS = {"rollout_tokens": "sum", "training_tokens": "sum", "samples": "sum
 class PPORun:
     """One worker's run: its models, data, engines and records."""
 
-    job: object  # stages.job.PPOJob
+    job: PPOJob
     config: PPOConfig
     rank: int
     world: int
@@ -86,7 +87,6 @@ class PPORun:
 
 def train_ppo_worker(args: dict) -> None:
     """Per-worker PPO / GRPO / RLOO / REINFORCE++ loop."""
-    from stages.job import PPOJob
     from stages.worker import start_worker
 
     job, config, tokenizer = start_worker(args, PPOConfig, PPOJob)
@@ -107,7 +107,7 @@ def train_ppo_worker(args: dict) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def start_run(job, config: PPOConfig, tokenizer, args: dict) -> PPORun:
+def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
     """Models, optimizers, prompts, engines and reward sources; resumed from a checkpoint if one exists."""
     from stages.ppo.policy import load_policy, load_reference
     from stages.ppo.rewards import RewardSources
@@ -403,7 +403,7 @@ def append_metrics(work_dir: Path, entry: dict) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
-def tensorboard_writer(job, start: int):
+def tensorboard_writer(job: PPOJob, start: int):
     import os
 
     if job.report_to != "tensorboard":
