@@ -68,8 +68,8 @@ def start_ray(spec: PipelineSpec) -> None:
 
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
-    kwargs: dict = {"namespace": spec.ray.namespace, "log_to_driver": True,
-                    "logging_level": logging.INFO if is_verbose() else logging.WARNING}
+    # Ray's own start-up lines stay (where it started or which cluster it joined); its executor's don't.
+    kwargs: dict = {"namespace": spec.ray.namespace, "log_to_driver": True}
     if spec.ray.address:
         kwargs["address"] = spec.ray.address
         # Code and environment travel with the job when joining an existing cluster.
