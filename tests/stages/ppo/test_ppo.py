@@ -303,14 +303,21 @@ PPO_REWARD_GAIN, PPO_HELDOUT_GAIN = 0.05, 0.2
 GRPO_REWARD_GAIN, GRPO_HELDOUT_GAIN = 0.05, 0.2
 
 
+def assert_learned(run, reward_gain: float, heldout_gain: float) -> dict:
+    """The training reward rose by ``reward_gain`` (first vs last third of the iterations) and the greedy
+    held-out accuracy (200 test prompts, exact match) of the final policy beats the SFT start by
+    ``heldout_gain``; returns the metrics."""
+    m = run.manifest["metrics"]
+    early, late = early_late(curve(run, "reward_mean"))
+    assert late >= early + reward_gain, (early, late)
+    assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + heldout_gain, m
+    return m
+
+
 @pytest.mark.slow
 def test_ppo_with_verifier_raises_reward(rl_runs):
     ppo = rl_runs["ppo"]
-    m = ppo.manifest["metrics"]
-    early, late = early_late(curve(ppo, "reward_mean"))
-    assert late >= early + PPO_REWARD_GAIN, (early, late)
-    # Greedy held-out accuracy (200 test prompts, exact match) of the final policy vs the SFT start.
-    assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + PPO_HELDOUT_GAIN, m
+    m = assert_learned(ppo, PPO_REWARD_GAIN, PPO_HELDOUT_GAIN)
     assert ppo.manifest["critic"] == "shared" and m["value_head_parameters"] > 0
     assert "value_loss" in ppo.manifest["curves"] and "explained_variance" in ppo.manifest["curves"]
     assert ppo.manifest["reference"] == "frozen copy" and ppo.manifest["sync_method"] == "hf_load_state_dict"
@@ -334,10 +341,7 @@ def test_ppo_with_verifier_raises_reward(rl_runs):
 @pytest.mark.slow
 def test_grpo_raises_reward_without_a_critic(rl_runs):
     grpo = rl_runs["grpo"]
-    m = grpo.manifest["metrics"]
-    early, late = early_late(curve(grpo, "reward_mean"))
-    assert late >= early + GRPO_REWARD_GAIN, (early, late)
-    assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + GRPO_HELDOUT_GAIN, m
+    m = assert_learned(grpo, GRPO_REWARD_GAIN, GRPO_HELDOUT_GAIN)
     assert grpo.manifest["critic"] == "none"
     assert m["value_head_parameters"] == 0 and m["critic_parameters"] == 0
     assert not any(name.startswith(("value_", "vf_")) or name == "explained_variance"
