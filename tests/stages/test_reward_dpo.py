@@ -69,9 +69,9 @@ def test_reward_model_ranks_held_out_pairs(addition_run):
     print("reward metrics", m)
     assert m["heldout_pairs"] == 500  # builtin:addition/test, all within max_length
     assert m["heldout_accuracy"] >= REWARD_THRESHOLD, m
-    # Mean chosen-minus-rejected margin on the held-out pairs: measured 1.04 here; 0.41-3.26 in the unseeded
-    # two-worker runs (held-out accuracy 0.636-0.778).
-    assert m["heldout_margin"] >= 0.1, m
+    # Mean chosen-minus-rejected margin on the held-out pairs: measured 1.043 in both seeded runs (0.41-3.26 in
+    # the unseeded two-worker runs); an untrained head gives ~0.
+    assert m["heldout_margin"] >= 0.7, m
     # The missing carry, the demonstrator's flaw, it spots; most of its errors are on the no-carry pairs (README).
     assert m["heldout_accuracy/carry"] >= CARRY_THRESHOLD, m
     assert m["global_step"] == REWARD_STEPS
@@ -119,10 +119,10 @@ def test_dpo_raises_margin_with_a_frozen_reference(addition_run):
     m = dpo.metrics
     print("dpo metrics", {k: v for k, v in m.items() if not k.startswith("final_")})
     # The chosen-minus-rejected margin grows from ~0 (policy == reference at step 0), in training and held out.
-    # Measured: training margin 0.072 at the first logging step -> 0.176; held-out margin 0.179 and
-    # ranking accuracy 0.80 (the same in two runs: one worker repeats exactly).
+    # Measured: training margin 0.072 at the first logging step -> 0.176; held-out margin 0.1795 and
+    # ranking accuracy 0.799 (the same in four runs: one worker repeats exactly).
     assert m["margin"] >= m["first_margin"] + 0.05, m
-    assert m["heldout_rewards/margins"] >= 0.08 and m["heldout_rewards/accuracies"] >= 0.65, m
+    assert m["heldout_rewards/margins"] >= 0.15 and m["heldout_rewards/accuracies"] >= 0.75, m
     for key in ("rewards_chosen", "rewards_rejected", "accuracy", "logps_chosen", "logps_rejected"):
         assert key in m
     assert dpo.manifest["reference"] == "frozen copy" and dpo.manifest["ref_model_is_none"] is False
