@@ -25,7 +25,7 @@ else
 MAIN_EXTRAS := dev,gpu
 endif
 
-.PHONY: install install-vllm demo test test-main test-vllm test-fast test-slow bench clean k8s-example
+.PHONY: install install-vllm demo test test-main test-vllm test-fast test-slow bench gpu-wheels clean k8s-example
 
 install: $(STAMP)
 
@@ -81,6 +81,12 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/ppo_throughput.py
+
+# The GPU check's extra wheels (pydantic for Python 3.12): carried to a GPU machine that has only torch,
+# transformers, peft and accelerate (see benchmarks/README.md).
+gpu-wheels: install
+	$(VENV)/bin/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		--implementation cp -d benchmarks/gpu/wheels "pydantic==$$($(PY) -c 'import pydantic; print(pydantic.VERSION)')"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -96,6 +96,9 @@ def add_cluster_commands(with_config) -> None:
     k8s.add_argument("--storage-claim", default=None, metavar="PVC",
                      help="ReadWriteMany PVC mounted on every pod; storage goes there")
     k8s.add_argument("--service-account", default=None)
+    k8s.add_argument("--gpus-per-pod", type=int, default=None, metavar="N",
+                     help="GPUs per worker pod, e.g. a node's 8 (NCCL within a node uses NVLink); "
+                          "default: one worker's")
     k8s.add_argument("--command", choices=["run", "sweep"], default="run",
                      help="what the job runs: rayalign run (default) or rayalign sweep")
     k8s.set_defaults(handler=cmd_k8s)
@@ -169,16 +172,21 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from pipeline.runner import plan
     from pipeline.spec import load_spec
+    from stages.resources import format_amounts, peak, stage_resources
 
     spec = load_spec(args.config, args.overrides)
     the_plan = plan(spec)
     print(f"{spec.name}  (store: {spec.run_root()})")
+    resources = {node: stage_resources(config, node) for node, config in spec.stages.items()}
     for node in the_plan.dag.order:
         parents = the_plan.dag.parents[node]
         kind = spec.stages[node].kind if node in spec.stages else "base"
         status = "cached" if the_plan.cached[node] is not None else "to run"
         refs = ", ".join(f"{role}={parent}" for role, parent in parents.items()) or "-"
         print(f"  {node:<16} {kind:<8} {the_plan.fingerprints[node]}  {status:<7} <- {refs}")
+        if node in resources:  # what the stage asks Ray for, under its line
+            print("\n".join(f"      {line}" for line in resources[node].describe().splitlines()))
+    print(f"peak (the largest stage; stages run one at a time): {format_amounts(peak(resources.values()))}")
     return 0
 
 
@@ -199,7 +207,8 @@ def cmd_k8s(args) -> int:
     from pipeline.k8s import main_k8s
 
     return main_k8s(args.config, args.overrides, args.output, args.command, image=args.image, namespace=args.namespace,
-                    storage_claim=args.storage_claim, service_account=args.service_account)
+                    storage_claim=args.storage_claim, service_account=args.service_account,
+                    gpus_per_pod=args.gpus_per_pod)
 
 
 def cmd_sweep(args) -> int:

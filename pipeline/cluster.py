@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.spec import PipelineSpec
+from stages.resources import StageResources, check_fits, missing_resources
 
 # The override a job's entrypoint carries to run on the cluster it was submitted to (a Ray job or a
 # KubeRay RayJob): it replaces any local-Ray settings of the file (ray.num_cpus).
@@ -31,6 +34,10 @@ QUIET_ENV = {
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
 }
 VERBOSE = "RAYALIGN_VERBOSE"
+
+# A joined cluster's nodes may still be registering (a KubeRay job starts as its pods come up): the
+# fail-fast check waits this long for them before it fails. A local instance is complete at start.
+JOINED_CLUSTER_WAIT_S = 60.0
 
 
 def set_verbosity(verbose: bool) -> None:
@@ -98,3 +105,27 @@ def link_ray_logs(run_root: Path) -> None:
     if link.is_symlink():
         link.unlink()
     link.symlink_to(session_logs, target_is_directory=True)
+
+
+def stage_connector(spec: PipelineSpec, resources: StageResources | None) -> Callable[[], None]:
+    """A stage's ``connect_ray``: start or join Ray, then, the first time, check that the stage's plan
+    fits the cluster (only stages that connect, that is use Ray, are checked)."""
+    checked: list[bool] = []
+
+    def connect() -> None:
+        ensure_ray(spec)
+        if resources is not None and resources.uses_ray and spec.ray.check_resources and not checked:
+            check_cluster_fits(resources, JOINED_CLUSTER_WAIT_S if spec.ray.address else 0.0)
+            checked.append(True)
+
+    return connect
+
+
+def check_cluster_fits(resources: StageResources, wait_s: float = 0.0) -> None:
+    """:func:`stages.resources.check_fits` against ``ray.cluster_resources()``, polled up to ``wait_s``."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while missing_resources(resources, ray.cluster_resources()) and time.monotonic() < deadline:
+        time.sleep(2.0)
+    check_fits(resources, ray.cluster_resources())

@@ -9,9 +9,11 @@ where KubeRay runs the job's driver) and a ``RayJob`` (``ray.io/v1``) whose entr
 and deletes it when the job ends (``shutdownAfterJobFinishes``); the RayJob itself goes
 ``ttlSecondsAfterFinished`` later.
 
-The cluster is sized from the pipeline: one worker pod per Ray Train worker, as many pods as the
-largest ``scaling.num_workers`` of any stage, each with the largest ``cpus_per_worker`` and, when
-any stage has ``use_gpu``, ``nvidia.com/gpu`` limits. The head runs drivers only (``num-cpus: 0``).
+The cluster is sized from the stages' resource plans (``stages.resources``, see
+:func:`cluster_shape`): every training worker, rollout engine, reward-model actor and eval actor of
+the largest stage fits, in pods of the largest member's CPUs and, with GPUs, ``nvidia.com/gpu``
+limits of one member's GPUs or ``kubernetes.gpus_per_pod`` (``--gpus-per-pod``). The head runs
+drivers only (``num-cpus: 0``).
 
 ``storage`` must be one filesystem shared by every pod (Ray Train writes checkpoints from the
 workers, stages read their upstream artifacts from wherever they run): give a ReadWriteMany
@@ -27,31 +29,52 @@ import math
 import re
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from pipeline.cluster import JOIN_CLUSTER
 from pipeline.spec import KubernetesConfig, PipelineSpec, load_spec
+from stages.resources import peak, stage_resources
 
 CONFIG_MOUNT = "/home/ray/rayalign"
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are DNS-1035 labels of at most 47 characters
 
 
-def cluster_shape(spec: PipelineSpec) -> dict:
-    """The worker group one pipeline needs: the maximum over its stages' ``scaling`` sections."""
-    shape = {"num_workers": 1, "cpus_per_worker": 0.0, "gpus_per_worker": 0.0, "use_gpu": False}
-    for stage in spec.stages.values():
-        scaling = getattr(stage, "scaling", None)
-        if scaling is None:
-            continue
-        shape["num_workers"] = max(shape["num_workers"], scaling.num_workers)
-        shape["cpus_per_worker"] = max(shape["cpus_per_worker"], scaling.cpus_per_worker)
-        if scaling.use_gpu:
-            shape["use_gpu"] = True
-            shape["gpus_per_worker"] = max(shape["gpus_per_worker"], scaling.gpus_per_worker or 1)
-    shape["cpus_per_worker"] = shape["cpus_per_worker"] or 1.0  # no training stage: one small worker
-    return shape
+@dataclass(frozen=True)
+class ClusterShape:
+    """The worker group of a pipeline's Ray cluster: ``replicas`` pods of ``cpus`` CPUs and ``gpus`` GPUs."""
+
+    replicas: int
+    cpus: float
+    gpus: int = 0
+
+
+def cluster_shape(spec: PipelineSpec, gpus_per_pod: int | None = None) -> ClusterShape:
+    """Enough worker pods for the largest stage (every training worker, rollout engine, reward-model
+    actor and eval actor it runs at once: ``stages.resources``), stages running one at a time.
+
+    A pod holds the largest single member (its CPUs; its GPUs, or ``gpus_per_pod`` of them). CPU
+    pipelines get pods of that size, as many as the peak CPUs need. GPU pipelines get
+    ``ceil(peak GPUs / gpus_per_pod)`` pods, and, with ``gpus_per_pod`` given, the peak's CPUs spread
+    over them (several members per pod, so NCCL between them can use the node's NVLink).
+    """
+    plans = [stage_resources(config, name) for name, config in spec.stages.items()]
+    groups = [g for plan in plans for g in plan.groups]
+    member_cpus = max((g.cpus for g in groups), default=0.0) or 1.0  # no Ray stage: one small worker
+    most = peak(plans)
+    if not most["GPU"]:
+        return ClusterShape(replicas=max(1, math.ceil(most["CPU"] / member_cpus - 1e-9)), cpus=member_cpus)
+    member_gpus = max(b.get("GPU", 0.0) for g in groups for b in g.member_bundles() or [{}])
+    if gpus_per_pod is not None and gpus_per_pod < member_gpus:
+        raise ValueError(f"gpus_per_pod {gpus_per_pod} is less than one bundle's {member_gpus:g} GPUs: "
+                         f"a pod must hold it")
+    per_pod = gpus_per_pod or max(1, math.ceil(member_gpus))
+    replicas = math.ceil(most["GPU"] / per_pod - 1e-9)
+    if gpus_per_pod is None:
+        return ClusterShape(max(replicas, math.ceil(most["CPU"] / member_cpus - 1e-9)), member_cpus, per_pod)
+    return ClusterShape(replicas, max(member_cpus, math.ceil(most["CPU"] / replicas - 1e-9)), per_pod)
 
 
 def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.yaml", *,
@@ -68,7 +91,7 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
     for override in [*(overrides or []), JOIN_CLUSTER] + ([f"storage={k8s.storage_mount}/runs"]
                                                            if k8s.storage_claim else []):
         entrypoint += ["--set", override]
-    shape = cluster_shape(spec)
+    shape = cluster_shape(spec, k8s.gpus_per_pod)
     env = pod_env(k8s)
     storage_mounts = [{"name": "storage", "mountPath": k8s.storage_mount}] if k8s.storage_claim else []
     storage_volumes = ([{"name": "storage", "persistentVolumeClaim": {"claimName": k8s.storage_claim}}]
@@ -93,10 +116,10 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
                         {"name": "pipeline", "configMap": {"name": config_map}}, *storage_volumes])},
                 },
                 "workerGroupSpecs": [{
-                    "groupName": "gpu-workers" if shape["use_gpu"] else "cpu-workers",
-                    "replicas": shape["num_workers"],
-                    "minReplicas": shape["num_workers"],
-                    "maxReplicas": shape["num_workers"],
+                    "groupName": "gpu-workers" if shape.gpus else "cpu-workers",
+                    "replicas": shape.replicas,
+                    "minReplicas": shape.replicas,
+                    "maxReplicas": shape.replicas,
                     "rayStartParams": {},
                     "template": {"spec": _pod_spec(k8s, [worker], [
                         {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *storage_volumes])},
@@ -125,10 +148,11 @@ def _head_container(k8s: KubernetesConfig, env: list[dict], storage_mounts: list
     }
 
 
-def _worker_container(k8s: KubernetesConfig, env: list[dict], storage_mounts: list[dict], shape: dict) -> dict:
-    limits = {"cpu": _quantity(shape["cpus_per_worker"]), "memory": k8s.worker_memory}
-    if shape["use_gpu"]:
-        limits["nvidia.com/gpu"] = str(math.ceil(shape["gpus_per_worker"]))
+def _worker_container(k8s: KubernetesConfig, env: list[dict], storage_mounts: list[dict],
+                      shape: ClusterShape) -> dict:
+    limits = {"cpu": _quantity(shape.cpus), "memory": k8s.worker_memory}
+    if shape.gpus:
+        limits["nvidia.com/gpu"] = str(shape.gpus)
     return {
         "name": "ray-worker",
         "image": k8s.image,

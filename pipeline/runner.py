@@ -6,12 +6,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import stage_connector
 from pipeline.dag import BASE, DAG, build_dag
 from pipeline.spec import PipelineSpec
 from pipeline.store import Artifact, ArtifactStore, fingerprint, library_versions, now, rayalign_version, write_json
 from stages.log import log
 from stages.registry import stage_kind
+from stages.resources import InsufficientResources, StageResources, stage_resources
 from stages.stage import RunServices, StageContext, Stopwatch, data_sources
 
 
@@ -133,8 +134,9 @@ def _upstream_from_store(store: ArtifactStore, node: str, fp: str) -> Artifact:
     )
 
 
-def run_services(spec: PipelineSpec, store: ArtifactStore) -> RunServices:
-    """What a stage may use of the run: its settings, and the store's and Ray's services."""
+def run_services(spec: PipelineSpec, store: ArtifactStore, resources: StageResources | None = None) -> RunServices:
+    """What a stage may use of the run: its settings, and the store's and Ray's services. With the
+    stage's ``resources`` plan, connecting to Ray checks that the cluster can hold it (fail fast)."""
 
     def earlier_outputs(stage: str) -> list[Path]:
         folder = store.stage_dir(stage)
@@ -149,7 +151,7 @@ def run_services(spec: PipelineSpec, store: ArtifactStore) -> RunServices:
         tracking=spec.tracking,
         stage_kinds={name: config.kind for name, config in spec.stages.items()},
         resolve_path=spec.resolve_path,
-        connect_ray=lambda: ensure_ray(spec),
+        connect_ray=stage_connector(spec, resources),
         fingerprint=fingerprint,
         data_fingerprint=data_fingerprint,
         earlier_outputs=earlier_outputs,
@@ -163,8 +165,9 @@ def run_stage(
     kind = BASE if node == BASE else config.kind
     work_dir = store.partial_dir(node, fp)
     inputs = {role: artifacts[parent] for role, parent in dag.parents[node].items()}
+    resources = stage_resources(config, node) if node != BASE else None
     ctx = StageContext(name=node, config=config, inputs=inputs, work_dir=work_dir, fingerprint=fp,
-                       run=run_services(spec, store))
+                       run=run_services(spec, store, resources))
     manifest = {
         "stage": node,
         "kind": kind,
@@ -184,7 +187,8 @@ def run_stage(
     except Exception as err:
         write_json(work_dir / "manifest.json", {**manifest, "status": "failed", "error": repr(err),
                                                  "traceback": traceback.format_exc()})
-        raise RunError(f"stage {node!r} failed: {err}") from err
+        raise RunError(str(err) if isinstance(err, InsufficientResources) else f"stage {node!r} failed: {err}") \
+            from err
     manifest.update(result.manifest)
     manifest.update(
         metrics=result.metrics,

@@ -45,6 +45,10 @@ class RayConfig(ConfigModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray instance (default: all).")
     namespace: str = "rayalign"
+    check_resources: bool = Field(
+        True, description="Fail a stage at once when the cluster lacks what its resource plan needs "
+        "(stages.resources); off for autoscaling clusters that grow on demand."
+    )
 
 
 class KubernetesConfig(ConfigModel):
@@ -66,6 +70,9 @@ class KubernetesConfig(ConfigModel):
         None, description="Secret (key HF_TOKEN) exposed as HF_TOKEN in the pods; the token never enters the manifest."
     )
     hub_offline: bool = Field(True, description="HF_HUB_OFFLINE in the pods; false lets them download hub models.")
+    gpus_per_pod: int | None = Field(
+        None, ge=1, description="GPUs per worker pod (e.g. 8: a node's NVLink for NCCL); default one Ray member's."
+    )
 
 
 class SearchDimension(ConfigModel):

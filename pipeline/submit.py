@@ -17,6 +17,7 @@ ray.address=auto`` (the driver joins the cluster it runs on instead of starting 
   (torch, transformers, TRL, DeepSpeed); installing it per job takes minutes.
 * ``env_vars``: the driver environment of ``pipeline.cluster`` (HF_HUB_OFFLINE=1, ...), plus
   ``--env KEY=VALUE`` or ``--env KEY`` (copied from this shell). Only names are ever printed.
+  Hub downloads: ``kubernetes: {hub_offline: false}`` in the file or ``--env HF_HUB_OFFLINE=0``.
   Tokens belong in the cluster's own environment or secrets, not on a command line.
 
 ``storage`` must be a path every node of the cluster sees (NFS, a mounted bucket): a relative
@@ -84,7 +85,7 @@ def build_job(config: str | Path, overrides: list[str] | None = None, *, working
         runtime_env["py_modules"] = local_packages()
     if pip:
         runtime_env["pip"] = list(pip)
-    runtime_env["env_vars"] = job_env(env or [])
+    runtime_env["env_vars"] = job_env(env or [], hub_offline=spec.kubernetes.hub_offline)
     entrypoint = [python, "-m", "pipeline.cli", command, relative.as_posix()]
     for override in [*overrides, JOIN_CLUSTER]:
         entrypoint += ["--set", override]
@@ -97,11 +98,16 @@ def build_job(config: str | Path, overrides: list[str] | None = None, *, working
     }
 
 
-def job_env(pairs: list[str]) -> dict[str, str]:
-    """The job's environment variables: the driver defaults plus ``--env`` pairs."""
+def job_env(pairs: list[str], hub_offline: bool = True) -> dict[str, str]:
+    """The job's environment variables: the driver defaults plus ``--env`` pairs (which win).
+
+    The hub is offline (``HF_HUB_OFFLINE=1``) unless the file says ``kubernetes: {hub_offline: false}``
+    (the same switch ``rayalign k8s`` uses for its pods) or the command line passes
+    ``--env HF_HUB_OFFLINE=0``; then the job may download hub models and datasets."""
     from pipeline.cluster import DRIVER_ENV
 
     env = dict(DRIVER_ENV)
+    env["HF_HUB_OFFLINE"] = "1" if hub_offline else "0"
     # The driver's ray.init(runtime_env=...) in pipeline.cluster repeats some of these keys; without
     # this, Ray refuses to merge it with the job's runtime_env.
     env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"

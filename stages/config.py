@@ -43,6 +43,9 @@ class DataConfig(ConfigModel):
     limit: int | None = Field(None, ge=1, description="Use at most this many records.")
     eval_path: str | None = Field(None, description="Held-out data for eval loss (same format).")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Hold out this fraction when eval_path is absent.")
+    eval_limit: int | None = Field(
+        None, ge=1, description="Use at most this many held-out records (eval during training runs over all of them)."
+    )
 
 
 # A data field: a DataConfig, or just its path as a string.

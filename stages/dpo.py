@@ -134,7 +134,8 @@ def train_preference_worker(args: dict) -> None:
     trainer_cls, config_cls = preference_losses.trainer_classes(loss.family)
     train_args = training_arguments(config_cls, job, config, **trl_kwargs,
                                     keep_columns=loss.family in ("cpo", "orpo"))  # their collator needs raw columns
-    load = dict(trust_remote_code=job.trust_remote_code, gradient_checkpointing=config.train.gradient_checkpointing)
+    load = dict(trust_remote_code=job.trust_remote_code, gradient_checkpointing=config.train.gradient_checkpointing,
+                zero_stage=config.deepspeed.zero_stage)
     model = load_model(job.model_source, config.peft, job.precision, **load)
     ref_model = None
     if needs_frozen_copy(loss, config.peft, trl_kwargs):

@@ -9,17 +9,22 @@ from __future__ import annotations
 from stages.config import DeepSpeedConfig
 
 
-def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:
-    """The ZeRO config dict for ``TrainingArguments(deepspeed=...)``, or None when disabled."""
+def deepspeed_config(cfg: DeepSpeedConfig, use_gpu: bool = False) -> dict | None:
+    """The ZeRO config dict for ``TrainingArguments(deepspeed=...)``, or None when disabled.
+
+    On GPUs, communication overlaps the backward pass and offloaded states sit in pinned host
+    memory (faster host-device copies). On CPU (gloo) both stay off: overlap needs CUDA streams,
+    and pinning needs a CUDA driver.
+    """
     if cfg.zero_stage is None:
         return None
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
+        zero.update(overlap_comm=use_gpu, contiguous_gradients=True)
     if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if cfg.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     if cfg.zero_stage == 3:
         # Save full 16-bit weights, so the saved folder is a plain HF checkpoint.
         zero["stage3_gather_16bit_weights_on_model_save"] = True

@@ -16,7 +16,8 @@ from typing import Callable
 
 from stages.config import TrainingStageConfig
 from stages.job import WorkerJob, worker_arguments
-from stages.models import is_adapter, merge_adapter
+from stages.log import is_verbose
+from stages.models import is_adapter
 from stages.stage import StageContext
 
 TRAIN_LOG = "train_log.json"
@@ -24,10 +25,24 @@ WORKER_INFO = "worker_info.json"  # rank 0's stage-specific results (held-out me
 
 
 def upstream_full_model(ctx: StageContext, artifact) -> Path:
-    """Full weights of an upstream output, for a stage to start from (an adapter is merged once and cached)."""
+    """Full weights of an upstream output, for a stage to start from (an adapter is merged once, in a
+    Ray task, and cached)."""
     from stages.models import full_model_dir
 
-    return full_model_dir(artifact.path, artifact.model_dir, ctx.run.run_root / ".merged")
+    return full_model_dir(artifact.path, artifact.model_dir, ctx.run.run_root / ".merged",
+                          merge=lambda adapter, target: merge_in_ray(ctx, adapter, target))
+
+
+def merge_in_ray(ctx: StageContext, adapter_dir: Path, out_dir: Path) -> Path:
+    """Merge an adapter into its base in a Ray task sized for it (never in the driver: on a KubeRay
+    head an 8B merge is an OOM kill), in the base's dtype."""
+    from stages.models import merge_adapter_in_ray
+
+    ctx.run.connect_ray()
+    ctx.log(f"merging the adapter {adapter_dir} into its base (a Ray task)")
+    info = merge_adapter_in_ray(adapter_dir, out_dir, ctx.run.trust_remote_code, env_vars=worker_env(ctx))
+    ctx.log(f"merged into {out_dir} ({info['precision']}, on {info['host']})")
+    return Path(info["out_dir"])
 
 
 def worker_env(ctx: StageContext) -> dict[str, str]:
@@ -68,7 +83,8 @@ def worker_job(ctx: StageContext, config: TrainingStageConfig, model_source: Pat
         precision=config.train.precision,
         threads=max(1, int(config.scaling.cpus_per_worker)),
         report_to=report_to(ctx),
-        env=worker_env(ctx),
+        # A CPU stage stays on the CPU even on a GPU node (and DeepSpeed need not guess, nor warn that it did).
+        env={**worker_env(ctx), **({} if config.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"})},
         trust_remote_code=ctx.run.trust_remote_code,
         **fields,
     )
@@ -102,6 +118,9 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             worker_runtime_env={"env_vars": job.env},
+            # Ray Train's controller and worker INFO lines (resources requested, worker group started, every
+            # report) stay in the session's log files; the console gets its warnings, unless verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
         ),
     )
     ctx.log(f"Ray Train: {scaling.num_workers} worker(s), {resources} each, ZeRO {config.deepspeed.zero_stage}, "
@@ -113,7 +132,7 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
     for transient in ("checkpoints", "ray"):
         shutil.rmtree(ctx.work_dir / transient, ignore_errors=True)
     if config.merge and is_adapter(ctx.model_dir):
-        # In the driver: inside a ZeRO-3 worker, from_pretrained would wait on the other ranks.
-        merge_adapter(ctx.model_dir, ctx.work_dir / "merged", trust_remote_code=ctx.run.trust_remote_code)
-        ctx.log(f"merged the adapter into {ctx.work_dir / 'merged'}")
+        # After the Ray Train job, in a Ray task of its own: inside a ZeRO-3 worker from_pretrained
+        # would wait on the other ranks, and the driver (a KubeRay head) has no memory to spare.
+        merge_in_ray(ctx, ctx.model_dir, ctx.work_dir / "merged")
     return log

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from stages.config import PeftConfig
 
@@ -117,9 +117,19 @@ def model_init_kwargs(cfg: PeftConfig, precision: str, trust_remote_code: bool) 
     return kwargs
 
 
+def prepares_kbit_training(method: str, zero_stage: int | None) -> bool:
+    """Whether ``load_model`` runs peft's ``prepare_model_for_kbit_training``: for QLoRA, except under
+    ZeRO-3. There the weights are partitioned as they load, and the fp32 upcast of every non-quantized
+    parameter it does breaks (and undoes) the partitioning; peft's "DeepSpeed ZeRO-3 + QLoRA" guide
+    leaves it out (gradient checkpointing is then enabled directly)."""
+    return method == "qlora" and zero_stage != 3
+
+
 def load_model(model_dir: str | Path, cfg: PeftConfig, precision: str, *, head: str = "causal-lm",
-               trust_remote_code: bool = False, gradient_checkpointing: bool = False):
-    """Load a full model for training (the trainer applies the PEFT config itself)."""
+               trust_remote_code: bool = False, gradient_checkpointing: bool = False,
+               zero_stage: int | None = None):
+    """Load a full model for training (the trainer applies the PEFT config itself).
+    ``zero_stage``: the stage's ``deepspeed.zero_stage`` (None: no DeepSpeed)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = model_init_kwargs(cfg, precision, trust_remote_code)
@@ -129,10 +139,13 @@ def load_model(model_dir: str | Path, cfg: PeftConfig, precision: str, *, head: 
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, **kwargs)
     else:
         raise ValueError(f"unknown model head {head!r}")
-    if cfg.method == "qlora":
+    if prepares_kbit_training(cfg.method, zero_stage):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif cfg.method == "qlora" and gradient_checkpointing:  # ZeRO-3: what the skipped call would enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return model
 
 
@@ -147,8 +160,74 @@ def adapter_base(model_dir: str | Path) -> str:
     return json.loads((Path(model_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
+# Merges run where the memory is declared: a Ray task sized from the base's weights (a merge on the
+# driver -- a KubeRay head -- once OOM-killed it for an 8B model). In the base's own dtype: an fp32
+# merge doubles the memory and writes a twice-as-large fp32 folder.
+#
+# Who needs a merged folder at all: a stage that trains from an upstream adapter (full weights to
+# start from), and ``merge: true``. Consumers that could take the adapter directly instead, without a
+# merge: vLLM (``enable_lora`` + ``LoRARequest``, as the rollout engines already do for PPO weight
+# sync; not for adapters with ``modules_to_save``), peft (``AutoPeftModelForCausalLM`` on the adapter
+# folder, e.g. an eval engine or the DPO reference), and training stages that would stack a new
+# adapter on ``base + adapter`` (peft ``PeftModel.from_pretrained(...).merge_and_unload()`` in the
+# worker, still one merge per worker). Not done yet: every upstream adapter is merged once and cached.
+MERGE_MEMORY_FACTOR = 2.5  # base weights + merged copy being written + slack
+MERGE_MEMORY_FLOOR = 2 * 1024**3
+UNKNOWN_WEIGHTS_BYTES = 5 * 1024**3  # a hub base not in the local cache: assume one 5 GB shard's worth
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
+               "fp32": "fp32", "half": "fp16", "float": "fp32"}
+
+
+def _base_file(base: str, filename: str) -> Path | None:
+    """A file of the base (a local folder, or a hub id already in the local cache); None when absent."""
+    if Path(base).is_dir():
+        path = Path(base) / filename
+        return path if path.exists() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base, filename)
+    except Exception:  # noqa: BLE001 - not a repo id, no cache: unknown
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def base_precision(base_config: dict) -> str:
+    """``bf16``/``fp16``/``fp32`` from a config.json (``dtype`` in transformers 5, ``torch_dtype`` before);
+    fp32 when it names none (transformers' own default)."""
+    value = base_config.get("dtype") or base_config.get("torch_dtype")
+    text_config = base_config.get("text_config")
+    if value is None and isinstance(text_config, dict):
+        value = text_config.get("dtype") or text_config.get("torch_dtype")
+    return DTYPE_NAMES.get(str(value).removeprefix("torch."), "fp32")
+
+
+def merge_precision(adapter_dir: str | Path) -> str:
+    config = _base_file(adapter_base(adapter_dir), "config.json")
+    return base_precision(json.loads(config.read_text())) if config else "fp32"
+
+
+def base_weights_bytes(base: str) -> int | None:
+    """Bytes of the base's weights: its safetensors (else .bin) files, or the hub index's total size."""
+    if Path(base).is_dir():
+        files = list(Path(base).glob("*.safetensors")) or list(Path(base).glob("*.bin"))
+        return sum(f.stat().st_size for f in files) or None
+    index = _base_file(base, "model.safetensors.index.json")
+    if index is not None:
+        return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0)) or None
+    single = _base_file(base, "model.safetensors")
+    return single.stat().st_size if single is not None else None
+
+
+def merge_memory_bytes(weights_bytes: int | None) -> int:
+    """Memory to declare for a merge task: ~2.5x the base's weights, at least the floor."""
+    weights = UNKNOWN_WEIGHTS_BYTES if weights_bytes is None else weights_bytes
+    return max(MERGE_MEMORY_FLOOR, int(MERGE_MEMORY_FACTOR * weights))
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> Path:
-    """Merge a LoRA adapter into its (unquantized) base and save a plain HF folder, written aside first."""
+    """Merge a LoRA adapter into its (unquantized) base in this process, in the base's dtype, and save
+    a plain HF folder, written aside and renamed into place. Use :func:`merge_adapter_in_ray` from a driver."""
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
@@ -158,8 +237,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, trust_remote_cod
     task_type = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("task_type")
     loader = AutoPeftModelForSequenceClassification if task_type == "SEQ_CLS" else AutoPeftModelForCausalLM
     extra = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
-    model = loader.from_pretrained(str(adapter_dir), dtype=torch_dtype("fp32"), trust_remote_code=trust_remote_code, **extra)
+    model = loader.from_pretrained(str(adapter_dir), dtype=torch_dtype(merge_precision(adapter_dir)),
+                                   low_cpu_mem_usage=True, trust_remote_code=trust_remote_code, **extra)
     model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+    del model
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -167,9 +248,37 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, trust_remote_cod
     return out_dir
 
 
-def full_model_dir(artifact_path: Path, model_dir: Path, cache_root: Path) -> Path:
+def _merge_task(adapter_dir: str, out_dir: str, trust_remote_code: bool) -> dict:
+    import socket
+
+    merge_adapter(adapter_dir, out_dir, trust_remote_code)
+    return {"out_dir": out_dir, "pid": os.getpid(), "host": socket.gethostname(),
+            "precision": merge_precision(adapter_dir)}
+
+
+def merge_adapter_in_ray(adapter_dir: str | Path, out_dir: str | Path, trust_remote_code: bool = False, *,
+                         env_vars: dict[str, str] | None = None) -> dict:
+    """:func:`merge_adapter` in a Ray task (1 CPU, ``memory`` from the base's size) on a connected Ray;
+    returns where it ran (``pid``, ``host``), ``precision`` and ``out_dir``. ``out_dir`` must be on
+    storage the task's node sees (the run's storage is shared by every node)."""
+    import ray
+
+    memory = merge_memory_bytes(base_weights_bytes(adapter_base(adapter_dir)))
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if largest and memory > largest:  # infeasible would wait forever; the largest node may still fit it
+        memory = int(largest)
+    options: dict = {"num_cpus": 1, "memory": memory, "max_retries": 0}
+    if env_vars:
+        options["runtime_env"] = {"env_vars": dict(env_vars)}
+    task = ray.remote(_merge_task).options(**options)
+    return ray.get(task.remote(str(adapter_dir), str(out_dir), trust_remote_code))
+
+
+def full_model_dir(artifact_path: Path, model_dir: Path, cache_root: Path,
+                   merge: Callable[[Path, Path], object] | None = None) -> Path:
     """A folder holding full weights for an upstream output: its merged model if it has one,
-    the folder itself if it is full, else the adapter merged once into ``cache_root``."""
+    the folder itself if it is full, else the adapter merged once into ``cache_root``
+    (``merge(adapter, target)``: :func:`merge_adapter` in this process by default)."""
     merged = artifact_path / "merged"
     if (merged / "config.json").exists():
         return merged
@@ -178,5 +287,5 @@ def full_model_dir(artifact_path: Path, model_dir: Path, cache_root: Path) -> Pa
     target = cache_root / artifact_path.name
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        merge_adapter(model_dir, target)
+        (merge or merge_adapter)(model_dir, target)
     return target

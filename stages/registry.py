@@ -1,32 +1,54 @@
 """Every stage kind, one entry each: ``STAGE = StageKind(kind, config class, run)`` in its module.
 
-A new kind is one module that declares its ``STAGE`` (and its config class), listed here once.
+A new kind is one module that declares its ``STAGE`` at module level; it is found by reading the
+``stages`` package's sources (``ast``, nothing imported but the modules that declare one). Kinds
+from other packages register under the ``rayalign.stages`` entry-point group (the value: a module
+that declares ``STAGE``).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
 
 from stages.config import StageConfig, suggest
 from stages.stage import StageKind
 
 BASE_KIND = "base"
-STAGE_MODULES = (
-    "stages.pretrained",
-    "stages.sft",
-    "stages.reward",
-    "stages.dpo",
-    "stages.ppo.config",
-    "stages.evaluate.config",
-)
+PACKAGE_ROOT = Path(__file__).resolve().parent
+ENTRY_POINT_GROUP = "rayalign.stages"
+
+
+def declares_stage(source: str) -> bool:
+    """Whether a module's source assigns ``STAGE = StageKind(...)`` at its top level."""
+    for node in ast.parse(source).body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "STAGE" for t in node.targets)
+                and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "StageKind"):
+            return True
+    return False
+
+
+@cache
+def stage_modules() -> tuple[str, ...]:
+    """The modules that declare a stage kind: this package's (by reading them), then entry points'."""
+    found = []
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if "STAGE" in source and declares_stage(source):
+            relative = path.relative_to(PACKAGE_ROOT.parent).with_suffix("")
+            found.append(".".join(relative.parts))
+    found += [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    return tuple(found)
 
 
 @cache
 def stage_kinds() -> dict[str, StageKind]:
     """Kind -> its entry, for every kind (``base`` included)."""
     kinds = {}
-    for module in STAGE_MODULES:
+    for module in stage_modules():
         entry: StageKind = importlib.import_module(module).STAGE
         if entry.kind in kinds:
             raise RuntimeError(f"stage kind {entry.kind!r} is declared twice ({module})")

@@ -100,7 +100,8 @@ def train_reward_worker(args: dict) -> None:
                                     center_rewards_coefficient=config.center_rewards_coefficient)
     model = load_model(job.model_source, config.peft, job.precision, head="reward",
                        trust_remote_code=job.trust_remote_code,
-                       gradient_checkpointing=config.train.gradient_checkpointing)
+                       gradient_checkpointing=config.train.gradient_checkpointing,
+                       zero_stage=config.deepspeed.zero_stage)
     model.config.pad_token_id = tokenizer.pad_token_id
     train_pairs = pairs_dataset(job.train_file, config.use_margin)
     trainer = RewardTrainer(
@@ -135,18 +136,18 @@ def pairs_dataset(path: str | None, use_margin: bool):
 
 
 def merge_reward_adapter(adapter_dir: str | Path, out_dir: str | Path, tokenizer, trust_remote_code: bool = False):
-    """Merge a sequence-classification adapter into its (unquantized, fp32) base; a plain HF folder."""
-    import torch
+    """Merge a sequence-classification adapter into its (unquantized) base, in the base's dtype; a plain HF folder."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from stages.models import adapter_base
+    from stages.models import adapter_base, merge_precision, torch_dtype
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     base = AutoModelForSequenceClassification.from_pretrained(
-        adapter_base(adapter_dir), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+        adapter_base(adapter_dir), num_labels=1, dtype=torch_dtype(merge_precision(adapter_dir)),
+        low_cpu_mem_usage=True, trust_remote_code=trust_remote_code,
     )
     base.config.pad_token_id = tokenizer.pad_token_id
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

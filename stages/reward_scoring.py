@@ -14,12 +14,6 @@ from typing import Sequence
 from stages.chat_templates import conversation_ids
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class RewardScorer:
     """A sequence-classification reward model loaded with plain transformers; Ray-actor ready.
 
@@ -28,17 +22,20 @@ class RewardScorer:
     """
 
     def __init__(self, model_dir: str | Path, batch_size: int = 32, max_length: int | None = None,
-                 device: str | None = None, num_threads: int | None = None) -> None:
+                 device: str = "auto", dtype: str = "auto", num_threads: int | None = None) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = device or default_device()
+        from stages.devices import inference_dtype, local_device
+
+        self.device = local_device(device)  # the GPU Ray gave this actor / worker, else the CPU
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), num_labels=1, dtype=inference_dtype(dtype, self.device, model_dir))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(self.device).eval()

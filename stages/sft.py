@@ -55,7 +55,8 @@ def train_sft_worker(args: dict) -> None:
     train_args = training_arguments(TRLSFTConfig, job, config, assistant_only_loss=config.assistant_only_loss,
                                     packing=config.packing)
     model = load_model(job.model_source, config.peft, job.precision, trust_remote_code=job.trust_remote_code,
-                       gradient_checkpointing=config.train.gradient_checkpointing)
+                       gradient_checkpointing=config.train.gradient_checkpointing,
+                       zero_stage=config.deepspeed.zero_stage)
     trainer = SFTTrainer(
         model=model,
         args=train_args,

@@ -35,12 +35,13 @@ def prepare(ctx: StageContext, data: DataConfig, kind: str, seed: int = 0) -> Pr
     summary = loaded.summary()
     eval_records: list = []
     if data.eval_path:
-        held_out = load_records(ctx.resolve(data.eval_path), kind, format=data.format)
+        held_out = load_records(ctx.resolve(data.eval_path), kind, format=data.format, limit=data.eval_limit)
         eval_records = list(held_out.records)
         summary["eval"] = held_out.summary()
     elif data.eval_fraction > 0:
         random.Random(seed).shuffle(records)
         n_eval = max(1, int(len(records) * data.eval_fraction))
+        n_eval = min(n_eval, data.eval_limit or n_eval)
         eval_records, records = records[:n_eval], records[n_eval:]
     if not records:
         raise ValueError(f"{data.path}: no usable {kind} records (skipped: {loaded.skipped})")

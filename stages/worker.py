@@ -17,12 +17,13 @@ import os
 import time
 from pathlib import Path
 
+from stages import train_session
 from stages.config import TrainingStageConfig
 from stages.ds_config import deepspeed_config
 from stages.job import StageConfigT, WorkerJob, worker_inputs
 from stages.launcher import TRAIN_LOG
 from stages.log import configure as configure_logging
-from stages.log import stage_log
+from stages.log import is_verbose, progress, stage_log
 
 
 def start_worker(args: dict, config_cls: type[StageConfigT], job_cls: type[WorkerJob] = WorkerJob):
@@ -53,23 +54,24 @@ def setup_worker(job: WorkerJob) -> None:
     os.environ.update(job.env)
     torch.set_num_threads(job.threads)
     configure_logging()
+    if not is_verbose():
+        train_session.quiet_reports()
     if torch.cuda.is_available():
         # This worker's GPU as the current device before anything loads: a 4-bit (QLoRA) load and
         # NCCL otherwise put every local rank on GPU 0.
-        import ray.train.torch
-
-        torch.cuda.set_device(ray.train.torch.get_device())
-    from datasets.utils.logging import disable_progress_bar
+        torch.cuda.set_device(train_session.device())
     from transformers.utils import logging as hf_logging
 
-    disable_progress_bar()  # the progress callback prints one line per log step instead
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # the progress callback prints one line per log step instead
+    try:
+        from datasets.utils.logging import disable_progress_bar
+    except ImportError:  # a standalone worker without datasets (the GPU check): nothing to quiet
+        return
+    disable_progress_bar()
 
 
 def is_rank_zero() -> bool:
-    import ray.train
-
-    return ray.train.get_context().get_world_rank() == 0
+    return train_session.world_rank() == 0
 
 
 def training_arguments(trl_config_cls, job: WorkerJob, config: TrainingStageConfig, **stage_fields):
@@ -111,7 +113,7 @@ def training_arguments(trl_config_cls, job: WorkerJob, config: TrainingStageConf
         bf16=job.precision == "bf16",
         fp16=job.precision == "fp16",
         use_cpu=not config.scaling.use_gpu,
-        deepspeed=deepspeed_config(config.deepspeed),
+        deepspeed=deepspeed_config(config.deepspeed, config.scaling.use_gpu),
         report_to=[] if job.report_to == "none" else [job.report_to],
         run_name=job.stage,
         disable_tqdm=True,  # the progress callback prints one line per log step instead
@@ -152,20 +154,37 @@ class ProgressCallback:
                     if isinstance(v, (int, float)) and k in ("loss", "eval_loss", "learning_rate", "grad_norm",
                                                              "rewards/accuracies", "rewards/margins", "accuracy")
                 )
-                stage_log(stage, f"step {state.global_step}/{state.max_steps} {shown}", self.start)
+                stage_log(stage, f"step {progress(state.global_step, state.max_steps)} {shown}", self.start)
 
         return _Progress()
+
+
+class ReportCheckpoints:
+    """After each HF checkpoint save: every rank reports the metrics, rank 0 the checkpoint folder
+    as it lies in the stage's folder (Ray's own callback first copies every rank's checkpoint
+    through local ``/tmp``: a second full copy of an 8B checkpoint on each worker's disk)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+        from transformers.trainer_utils import get_last_checkpoint
+
+        class _Report(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                metrics = {}
+                for entry in state.log_history:
+                    metrics.update(entry)
+                train_session.barrier()  # every rank's shard (ZeRO) is on disk before rank 0 hands the folder over
+                folder = get_last_checkpoint(args.output_dir) if state.is_world_process_zero else None
+                train_session.report(metrics, checkpoint_dir=folder)
+
+        return _Report()
 
 
 def resume_checkpoint(job: WorkerJob) -> str | None:
     """The checkpoint to resume from: Ray's last reported one, else the newest complete one in the
     output folder (a checkpoint cut off mid-write has no ``trainer_state.json`` and is ignored)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        path = Path(checkpoint.path) / "checkpoint"
-        if (path / "trainer_state.json").exists():
+    with train_session.latest_checkpoint() as path:
+        if path is not None and (path / "trainer_state.json").exists():
             return str(path)
     output_dir = Path(job.work_dir) / "checkpoints"
     complete = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
@@ -181,16 +200,14 @@ def checkpoint_step(checkpoint: str | None) -> int | None:
 
 def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_stopping: bool = False) -> None:
     """Train (resuming if a checkpoint exists), save the HF folder, and write the training log."""
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # replaced by the one-line progress callback
     trainer.add_callback(ProgressCallback(job.stage))
     if config.train.save_steps:
-        trainer.add_callback(RayTrainReportCallback())
+        trainer.add_callback(ReportCheckpoints())
     if early_stopping and config.train.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
-    trainer = prepare_trainer(trainer)
     checkpoint = resume_checkpoint(job)
     if checkpoint and is_rank_zero():
         stage_log(job.stage, f"resuming from {checkpoint}")

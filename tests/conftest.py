@@ -27,7 +27,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for every test that needs one (starting Ray costs seconds)."""
+    """One local Ray instance for every test that needs one (starting Ray costs seconds). Its 4 GPUs
+    are logical: placement tests reserve them (tests/stages/test_resources.py); nothing else asks for GPUs."""
     import ray
 
     from pipeline.cluster import DRIVER_ENV
@@ -35,7 +36,7 @@ def ray_cluster():
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, namespace="rayalign")
+        ray.init(num_cpus=4, num_gpus=4, include_dashboard=True, namespace="rayalign")
     yield ray
     ray.shutdown()
 

@@ -63,7 +63,8 @@ class EvalWorker:
 
     def __init__(self, model_path: str, reference_path: str | None = None, reward_path: str | None = None, *,
                  engine: str = "auto", engine_kwargs: dict | None = None, sampling: dict | None = None,
-                 kl_sampling: dict | None = None, chat_template: str | None = None, device: str = "cpu") -> None:
+                 kl_sampling: dict | None = None, chat_template: str | None = None, device: str = "cpu",
+                 gpu_settings: dict | None = None) -> None:
         from stages.chat_templates import apply_chat_template_choice
         from stages.rollout import create_engine, resolve_engine_name
 
@@ -71,6 +72,9 @@ class EvalWorker:
         self.engine_kwargs = dict(engine_kwargs or {})
         if self.engine_name == "hf":
             self.engine_kwargs.setdefault("device", device)
+        elif device == "cuda":
+            self.engine_kwargs = vllm_gpu_kwargs(self.engine_kwargs, gpu_settings or {}, reward_path,
+                                                 separate_reference=reference_path not in (None, model_path))
         self.policy = create_engine(self.engine_name, model_path, **self.engine_kwargs)
         self.tokenizer = self.policy.tokenizer
         apply_chat_template_choice(self.tokenizer, chat_template)
@@ -181,6 +185,52 @@ class EvalWorker:
                 for r, c, pc, rc, pr, rr in zip(rows, chosen, policy_c, ref_c, policy_r, ref_r)]
 
 
+def vllm_gpu_kwargs(user_kwargs: dict, settings: dict, reward_path: str | None, *, separate_reference: bool) -> dict:
+    """vLLM's GPU settings for an eval actor (``stages.rollout.vllm_settings``): the policy and, when it is
+    another model, the reference engine share the actor's GPU (each gets half the budget, not vLLM's
+    0.9 twice: the second would not start), less what the reward model (loaded on the same GPU) takes."""
+    import torch
+
+    from stages.models import base_weights_bytes
+    from stages.rollout.vllm_settings import vllm_engine_kwargs
+
+    reserved = 0.0
+    if reward_path:
+        total = torch.cuda.mem_get_info()[1]
+        reserved = min(0.5, 1.2 * (base_weights_bytes(reward_path) or 0) / total)  # weights + activations
+    return vllm_engine_kwargs(on_gpu=True, max_new_tokens=settings.get("max_new_tokens"),
+                              longest_prompt_tokens=settings.get("longest_tokens"),
+                              engines_per_gpu=2 if separate_reference else 1,
+                              gpu_fraction=settings.get("gpu_fraction", 1.0), reserved_fraction=reserved,
+                              user_kwargs=user_kwargs)
+
+
+def longest_sequence(rows: list[dict], tokenizer) -> int:
+    """Tokens of the longest prompt (gen) or prompt + target (ppl, pref) among ``rows``."""
+    longest = 0
+    for r in rows:
+        prompt = json.loads(r["messages"])
+        if r["purpose"] == "gen":
+            longest = max(longest, len(conversation_ids(tokenizer, prompt, add_generation_prompt=True)))
+            continue
+        target = json.loads(r["target"])
+        for response in ([target] if r["purpose"] == "ppl" else [target["chosen"], target["rejected"]]):
+            p, t = split_response(tokenizer, prompt, response)
+            longest = max(longest, len(p) + len(t))
+    return longest
+
+
+def gpu_settings(rows: list[dict], model_path: str, chat_template: str | None, generation) -> dict | None:
+    """What an eval actor on a GPU needs to size its vLLM engines; None on CPU or for the hf engine."""
+    if not generation.gpus_per_actor or generation.engine == "hf":
+        return None
+    from stages.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, chat_template)
+    return {"longest_tokens": longest_sequence(rows, tokenizer), "max_new_tokens": generation.max_new_tokens,
+            "gpu_fraction": min(1.0, generation.gpus_per_actor)}
+
+
 def run_inference(rows: list[dict], *, model_path: str, reference_path: str | None, reward_path: str | None,
                   generation, chat_template: str | None = None) -> list[dict]:
     """Every row through an actor pool of :class:`EvalWorker` (``generation``: ``EvalGenerationConfig``)."""
@@ -214,6 +264,7 @@ def run_inference(rows: list[dict], *, model_path: str, reference_path: str | No
             "kl_sampling": kl_sampling if generation.num_samples > 0 else None,
             "chat_template": chat_template,
             "device": "cuda" if generation.gpus_per_actor else "cpu",
+            "gpu_settings": gpu_settings(rows, str(model_path), chat_template, generation),
         },
         batch_size=generation.batch_size,
         concurrency=generation.concurrency,

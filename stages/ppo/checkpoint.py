@@ -77,14 +77,12 @@ def latest_local(work_dir: str | Path) -> Path | None:
 @contextlib.contextmanager
 def find_resume(work_dir: str | Path):
     """Yields the checkpoint folder to resume from (Ray's last reported one, else the newest local), or None."""
-    import ray.train
+    from stages.train_session import latest_checkpoint
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            if (Path(path) / COMPLETE).exists():
-                yield Path(path)
-                return
+    with latest_checkpoint() as path:
+        if path is not None and (path / COMPLETE).exists():
+            yield path
+            return
     yield latest_local(work_dir)
 
 

@@ -22,7 +22,10 @@ class RolloutConfig(ConfigModel):
     cpus_per_engine: float = Field(1, ge=0)
     gpus_per_engine: float = Field(0, ge=0)
     colocate: bool = Field(
-        False, description="Share the training workers' resources (no bundle of their own; sleep during training)."
+        False, description="Share the training workers' GPUs (no bundle of their own; sleep during training)."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one vLLM engine spans; one placement bundle per rank (stages.resources)."
     )
     prompts_per_step: int = Field(16, ge=1, description="Prompts per iteration over all workers.")
     n: int = Field(1, ge=1, description="Samples per prompt (grpo / rloo need >= 2).")
@@ -34,6 +37,18 @@ class RolloutConfig(ConfigModel):
         "auto", description="Full fine-tuning: send a state_dict or a saved folder (LoRA always sends the adapter)."
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")
+
+    @model_validator(mode="after")
+    def _placeable_tensor_parallelism(self) -> RolloutConfig:
+        given = self.engine_kwargs.get("tensor_parallel_size")
+        if given is not None and given != self.tensor_parallel_size:
+            raise ValueError(f"engine_kwargs.tensor_parallel_size ({given}) differs from tensor_parallel_size "
+                             f"({self.tensor_parallel_size}); set only tensor_parallel_size (it sizes the placement)")
+        if self.tensor_parallel_size > 1 and self.engine == "hf":
+            raise ValueError("tensor_parallel_size > 1 needs engine vllm (the hf engine runs on one device)")
+        if self.tensor_parallel_size > 1 and self.colocate:
+            raise ValueError("tensor_parallel_size > 1 needs bundles of its own: it does not combine with colocate")
+        return self
 
 
 class AlgorithmConfig(ConfigModel):
@@ -146,6 +161,14 @@ class PPOConfig(TrainingStageConfig):
             raise ValueError("qlora does not combine with ZeRO-3 here; use zero_stage 2 or none")
         if self.peft.method not in ("full", "lora", "qlora"):
             raise ValueError(f"ppo supports peft methods full, lora and qlora (got {self.peft.method!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _tensor_parallel_needs_gpus(self) -> PPOConfig:
+        rollout = self.rollout
+        if rollout.tensor_parallel_size > 1 and not (self.scaling.use_gpu or rollout.gpus_per_engine):
+            raise ValueError("rollout.tensor_parallel_size > 1 splits an engine over GPUs: set scaling.use_gpu "
+                             "(one GPU per rank) or rollout.gpus_per_engine")
         return self
 
     @property

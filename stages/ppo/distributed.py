@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from stages.train_session import barrier  # noqa: F401 - the PPO modules' collectives in one place
+
 
 def dist_info() -> tuple[int, int]:
     import torch.distributed as dist
@@ -11,13 +13,6 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def reduce_metrics(local: dict[str, float], ops: dict[str, str], device: torch.device | str = "cpu") -> dict[str, float]:

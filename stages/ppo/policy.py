@@ -98,14 +98,15 @@ class SeparateCritic(nn.Module):
 
 
 def load_policy(model_source: str, peft_cfg, precision: str, *, trust_remote_code: bool = False,
-                gradient_checkpointing: bool = False):
-    """The trainable policy: the causal LM, with a fresh LoRA adapter for lora/qlora."""
+                gradient_checkpointing: bool = False, zero_stage: int | None = None):
+    """The trainable policy: the causal LM, with a fresh LoRA adapter for lora/qlora.
+    ``zero_stage``: the stage's ``deepspeed.zero_stage`` (QLoRA under ZeRO-3 skips the kbit preparation)."""
     from peft import get_peft_model
 
     from stages.models import load_model, peft_config
 
     model = load_model(model_source, peft_cfg, precision, trust_remote_code=trust_remote_code,
-                       gradient_checkpointing=gradient_checkpointing)
+                       gradient_checkpointing=gradient_checkpointing, zero_stage=zero_stage)
     config = peft_config(peft_cfg)
     if config is not None:
         model = get_peft_model(model, config)

@@ -49,15 +49,33 @@ def programmatic_reward(spec: str) -> Callable[[list[PromptExample], list[str]],
     return verify
 
 
-def start_reward_actor(model_dir: str, num_cpus: float = 1, num_gpus: float = 0, env_vars: dict | None = None):
-    """The reward model in a Ray actor (driver side); ``actor.score.remote(conversations)``."""
+def start_reward_actor(model_dir: str, num_cpus: float = 1, num_gpus: float = 0, env_vars: dict | None = None, *,
+                       placement_group=None, bundle_index: int = 0, timeout_s: float | None = None):
+    """The reward model in a Ray actor (driver side); ``actor.score.remote(conversations)``.
+
+    With ``placement_group`` it runs in bundle ``bundle_index`` (the PPO stage reserves one for it
+    beside the engines', so it never waits for resources unbounded); readiness is awaited at most
+    ``timeout_s`` (default ``stages.resources.READY_TIMEOUT_S``), then an error names what it asked for.
+    """
     import ray
+
+    from stages.resources import READY_TIMEOUT_S, wait_ready
 
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if env_vars:
         options["runtime_env"] = {"env_vars": env_vars}
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle_index)
     actor = ray.remote(RewardScorer).options(**options).remote(model_dir, num_threads=max(1, int(num_cpus)))
-    ray.get(actor.ping.remote())
+    try:
+        wait_ready([actor.ping.remote()], timeout_s or READY_TIMEOUT_S,
+                   f"the reward-model actor ({num_cpus:g} CPU, {num_gpus:g} GPU)")
+    except BaseException:
+        ray.kill(actor)
+        raise
     return actor
 
 

@@ -22,6 +22,7 @@ import math
 from stages import launcher, training_data
 from stages.job import PPOJob
 from stages.ppo.config import PPOConfig
+from stages.resources import READY_TIMEOUT_S, REWARD, ROLLOUT, STAGE_ACTORS, ready_placement_group, stage_resources
 from stages.stage import StageContext, StageResult
 from stages.training_curves import summarize_training
 
@@ -51,9 +52,8 @@ def run(ctx: StageContext) -> StageResult:
         if reward_dir and config.reward_placement == "actor":
             from stages.ppo.rewards import start_reward_actor
 
-            reward_actor = start_reward_actor(reward_dir, num_cpus=config.rollout.cpus_per_engine,
-                                              num_gpus=config.rollout.gpus_per_engine,
-                                              env_vars=launcher.worker_env(ctx))
+            reward_actor = start_reward_actor(reward_dir, env_vars=launcher.worker_env(ctx),
+                                              **engines.reward_actor_options())
         evaluation = HeldOut.for_config(ctx, config, model_source)
         before = evaluation.run(engines.group) if evaluation else {}
         if before:
@@ -72,11 +72,11 @@ def run(ctx: StageContext) -> StageResult:
         if after:
             ctx.log(f"held-out accuracy of the trained policy: {after['accuracy']:.1%}")
     finally:
-        engines.shutdown()
-        if reward_actor is not None:
+        if reward_actor is not None:  # before its placement group goes with the engines'
             import ray
 
             ray.kill(reward_actor)
+        engines.shutdown()
     info = json.loads((ctx.work_dir / launcher.WORKER_INFO).read_text())
     extra = {**summary_metrics(log["log_history"]),
              **{f"initial_heldout_{k}": v for k, v in before.items()},
@@ -132,32 +132,53 @@ class RolloutEngines:
         self.group = None
         self.placement_group = None
         self.engine_name = config.rollout.engine
+        # What the engines and the reward-model actor ask Ray for (stages.resources): one plan for all.
+        self.plan = stage_resources(config, ctx.name)
 
     def engine_kwargs(self) -> dict:
+        """The engines' constructor arguments: dtype, LoRA serving, and on GPUs vLLM's memory share,
+        ``max_model_len``, sleep mode and TP (``stages.rollout.vllm_settings``); ``rollout.engine_kwargs`` win."""
         from stages.rollout.base import choose_max_lora_rank
+        from stages.rollout.vllm_settings import longest_prompt_in_files, vllm_engine_kwargs
 
-        kwargs = {"dtype": "bfloat16" if self.precision() == "bf16" else "float32"}
+        rollout = self.config.rollout
+        # "auto" is decided in the engine's actor (bf16 on its GPU, fp32 on a CPU), not on this driver.
+        kwargs = {"dtype": {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
+            self.config.train.precision]}
         if self.config.peft.method != "full":
             # Used by vLLM (the hf engine ignores them): LoRA serving with a rank vLLM accepts.
             kwargs.update(enable_lora=True, max_lora_rank=choose_max_lora_rank(self.config.peft.r))
-        return {**kwargs, **self.config.rollout.engine_kwargs}
+        tp = rollout.tensor_parallel_size  # TP ranks: one-GPU bundles each, vLLM's Ray executor (see start)
+        on_gpu = rollout.gpus_per_engine > 0 or tp > 1 or (rollout.colocate and self.config.scaling.use_gpu)
+        if on_gpu and getattr(self, "_longest_prompt", None) is None:  # tokenized once per run
+            from stages.models import load_tokenizer
 
-    def precision(self) -> str:
-        from stages.models import resolve_precision
-
-        return resolve_precision(self.config.train.precision, self.config.scaling.use_gpu)
+            tokenizer = load_tokenizer(self.model_source, self.config.chat_template, self.ctx.run.trust_remote_code)
+            data = self.ctx.work_dir / "data"  # what training_data.prepare wrote for the workers
+            self._longest_prompt = longest_prompt_in_files([data / "train.jsonl", data / "eval.jsonl"], tokenizer)
+        kwargs.update(vllm_engine_kwargs(
+            on_gpu=on_gpu, max_new_tokens=rollout.max_new_tokens, colocate=rollout.colocate,
+            longest_prompt_tokens=getattr(self, "_longest_prompt", None), tensor_parallel_size=tp,
+            gpu_fraction=1.0 if rollout.colocate or tp > 1 else min(1.0, rollout.gpus_per_engine or 1.0)))
+        return {**kwargs, **rollout.engine_kwargs}
 
     def start(self) -> None:
-        from stages.rollout.actors import RolloutGroup, create_rollout_engines, rollout_placement_group
+        """One placement group from the plan (the engines' bundles, then the reward actor's), reserved
+        with a bounded wait; then the engines in their bundles (colocated ones outside it)."""
+        from stages.rollout.actors import RolloutGroup, create_rollout_engines
 
-        rollout = self.config.rollout
-        cpus = 0 if rollout.colocate else rollout.cpus_per_engine
-        if not rollout.colocate:
-            self.placement_group = rollout_placement_group(rollout.num_engines, cpus, rollout.gpus_per_engine)
-        env = launcher.worker_env(self.ctx)
+        rollout, engines = self.config.rollout, self.plan.group(ROLLOUT)
+        bundles = self.plan.bundles(STAGE_ACTORS)
+        if bundles:
+            self.placement_group = ready_placement_group(bundles, f"stage {self.ctx.name!r} (rollout engines and "
+                                                                  f"reward-model actor)")
+        kwargs = self.engine_kwargs()
+        if engines.ranks > 1:  # vLLM's Ray executor places the ranks on the engine's bundles
+            kwargs = {"tensor_parallel_size": engines.ranks, "distributed_executor_backend": "ray", **kwargs}
         self.workers = create_rollout_engines(
-            rollout.num_engines, rollout.engine, self.model_source, num_cpus=cpus, num_gpus=rollout.gpus_per_engine,
-            placement_group=self.placement_group, engine_kwargs=self.engine_kwargs(), env_vars=env,
+            engines.count, rollout.engine, self.model_source, num_cpus=engines.cpus, num_gpus=engines.actor_gpus,
+            placement_group=self.placement_group if engines.bundles() else None, bundles_per_engine=engines.ranks,
+            engine_kwargs=kwargs, env_vars=launcher.worker_env(self.ctx), ready_timeout_s=READY_TIMEOUT_S,
         )
         self.group = RolloutGroup(self.workers)
         self.engine_name = self.group.info()[0]["engine"]
@@ -165,8 +186,15 @@ class RolloutEngines:
             from stages.rollout import validate_lora_for_vllm
 
             validate_lora_for_vllm({"r": self.config.peft.r}, self.engine_kwargs().get("max_lora_rank"))
-        self.ctx.log(f"{rollout.num_engines} {self.engine_name} rollout engine(s) "
-                     f"({'colocated' if rollout.colocate else f'{cpus} CPU / {rollout.gpus_per_engine} GPU each'})")
+        self.ctx.log(f"{self.engine_name} engines: {engines.describe()}")
+
+    def reward_actor_options(self) -> dict:
+        """``start_reward_actor`` resources and placement: its bundle follows the engines' in the group."""
+        reward = self.plan.group(REWARD)
+        options = {"num_cpus": reward.cpus, "num_gpus": reward.gpus, "timeout_s": READY_TIMEOUT_S}
+        if reward.bundles() and self.placement_group is not None:
+            options.update(placement_group=self.placement_group, bundle_index=len(self.plan.bundles([ROLLOUT])))
+        return options
 
     def shutdown(self) -> None:
         if self.group is not None:

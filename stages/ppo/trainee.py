@@ -22,7 +22,7 @@ def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
 
 def deepspeed_dict(config: PPOConfig, precision: str, lr: float, client_optimizer: bool) -> dict:
     train = config.train
-    ds = deepspeed_config(config.deepspeed)
+    ds = deepspeed_config(config.deepspeed, config.scaling.use_gpu)
     ds.update(
         train_micro_batch_size_per_gpu=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
@@ -64,15 +64,14 @@ class Trainee:
             self.forward = self.engine
             self.module = self.engine.module
         else:
-            import ray.train.torch
+            from stages.train_session import prepare_model
 
             self.engine = None
             self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
             self.scheduler = make_scheduler(self.optimizer, train, total_steps)
             self.params = params
             # DDP when world > 1 (outside Ray Train, e.g. in unit tests: wrap=False, the bare module).
-            self.forward = (ray.train.torch.prepare_model(module, move_to_device=config.scaling.use_gpu)
-                            if wrap else module)
+            self.forward = prepare_model(module, move_to_device=config.scaling.use_gpu) if wrap else module
             self.module = module
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -121,3 +120,26 @@ class Trainee:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro = state["micro"]
+
+
+def zero3_init(config: PPOConfig, precision: str):
+    """Under ZeRO-3: the object that makes ``from_pretrained`` partition weights as they load
+    (``zero.Init``), so no worker ever holds a full copy; keep it alive while models load. None otherwise."""
+    if config.deepspeed.zero_stage != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(deepspeed_dict(config, precision, config.train.lr, client_optimizer=True))
+
+
+def place_frozen(module: torch.nn.Module, config: PPOConfig, precision: str, device) -> torch.nn.Module:
+    """A forward-only model (the full fine-tune's reference) placed like the policy: sharded by a
+    DeepSpeed engine without optimizer under ZeRO-3, on this worker's device otherwise."""
+    if config.deepspeed.zero_stage != 3:
+        return module.to(device)
+    import deepspeed
+
+    ds = deepspeed_dict(config, precision, config.train.lr, client_optimizer=True)
+    engine, *_ = deepspeed.initialize(model=module, config=ds)
+    return engine.module.eval()  # ZeRO-3's hooks on its submodules gather each layer's shards in forward
+

@@ -11,7 +11,7 @@ Each iteration, on every worker, one function per step:
    bonus (+ k3 KL for grpo/rloo) under DeepSpeed ZeRO or DDP;
 5. :func:`sync` -- the policy to the engines (``stages.ppo.sync``);
 6. :func:`record` -- metrics reduced over ranks -> a JSONL file, TensorBoard, the progress line;
-7. :func:`report` -- ``ray.train.report``, with a checkpoint every ``train.save_steps``.
+7. :func:`report` -- to Ray Train (``stages.train_session``), with a checkpoint every ``train.save_steps``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+from stages import train_session
 from stages.job import PPOJob
 from stages.launcher import TRAIN_LOG, WORKER_INFO
-from stages.log import stage_log
+from stages.log import progress, stage_log
 from stages.ppo import checkpoint as ckpt
 from stages.ppo.config import PPOConfig
 from stages.ppo.critic import Critic, build_critic, load_critic_model
@@ -36,7 +37,7 @@ from stages.ppo.experience import Batch, Experience, make_experience, pack, resp
 from stages.ppo.policy import ActorCritic, is_peft
 from stages.ppo.prompts import PromptPlan, my_engines
 from stages.ppo.sync import save_policy, sync_weights
-from stages.ppo.trainee import Trainee
+from stages.ppo.trainee import Trainee, place_frozen, zero3_init
 from stages.rl import AdaptiveKLController, FixedKLController, aggregate_loss, entropy_from_logits, k3
 from stages.rl import explained_variance, ppo_policy_loss
 
@@ -111,7 +112,7 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
     """Models, optimizers, prompts, engines and reward sources; resumed from a checkpoint if one exists."""
     from stages.ppo.policy import load_policy, load_reference
     from stages.ppo.rewards import RewardSources
-    from stages.rollout.actors import RolloutGroup
+    from stages.rollout.local import engine_group
 
     rank, world = dist_info()
     torch.manual_seed(config.train.seed + rank)
@@ -120,8 +121,10 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
 
         deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo")
     load = dict(trust_remote_code=job.trust_remote_code)
+    zero3 = zero3_init(config, job.precision)  # noqa: F841 - alive while the models load
     policy = load_policy(job.model_source, config.peft, job.precision,
-                         gradient_checkpointing=config.train.gradient_checkpointing, **load)
+                         gradient_checkpointing=config.train.gradient_checkpointing,
+                         zero_stage=config.deepspeed.zero_stage, **load)
     critic_config = config.critic_config
     actor = ActorCritic(policy, value_head=critic_config is not None and critic_config.mode == "shared")
     ref_model = None if is_peft(policy) else load_reference(job.model_source, config.peft, job.precision, **load)
@@ -136,13 +139,13 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
         job=job, config=config, rank=rank, world=world, tokenizer=tokenizer, actor=policy_trainee.module,
         ref_model=ref_model, policy=policy_trainee,
         critic=build_critic(config, critic_model, job.precision, total_steps), plan=plan,
-        engines=RolloutGroup(my_engines(args["engines"], rank, world)), all_engines=RolloutGroup(args["engines"]),
+        engines=engine_group(my_engines(args["engines"], rank, world)), all_engines=engine_group(args["engines"]),
         rewards=RewardSources(config.reward_fn, args.get("reward_actor") or job.reward_model_dir),
         kl_ctl=(AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target
                 else FixedKLController(algo.kl_coef)),
     )
-    if ref_model is not None:  # the frozen copy (full fine-tuning) goes where the policy went
-        ref_model.to(run.device)
+    if ref_model is not None:  # the frozen copy (full fine-tuning) is placed or sharded like the policy
+        run.ref_model = place_frozen(ref_model, config, job.precision, run.device)
     resume(run)
     run.history = load_history(run.work_dir, run.start) if rank == 0 else []
     run.writer = tensorboard_writer(job, run.start) if rank == 0 else None
@@ -212,9 +215,10 @@ def experience(run: PPORun, results: list, scores: torch.Tensor, finished: torch
     started = time.perf_counter()
     batch = pack([r.prompt_ids for r in results], [r.response_ids for r in results],
                  run.tokenizer.pad_token_id).to(run.device)
-    engine_logprobs = torch.zeros_like(batch.mask)
+    engine_logprobs = torch.zeros(batch.mask.shape, dtype=torch.float32)
     for row, r in enumerate(results):
         engine_logprobs[row, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+    engine_logprobs = engine_logprobs.to(run.device)
     run.actor.eval()
     run.critic.train(False)
     config = run.config
@@ -337,24 +341,22 @@ def write_records(run: PPORun, step: int, entry: dict) -> None:
         run.writer.flush()
     if step % run.config.train.logging_steps == 0 or step == run.job.iterations or step == run.start + 1:
         value_loss = f"value_loss {entry['value_loss']:.4f} " if "value_loss" in entry else ""
-        stage_log(run.job.stage, f"iteration {step}/{run.job.iterations} reward {entry['reward_mean']:.3f} "
+        stage_log(run.job.stage, f"iteration {progress(step, run.job.iterations)} reward {entry['reward_mean']:.3f} "
                   f"kl {entry['kl']:.4f} entropy {entry['entropy']:.3f} {value_loss}"
                   f"rollout {entry['rollout_tokens_per_s']:.0f} tok/s sync {entry['sync_seconds']:.2f}s "
                   f"({entry['sync_method']})", run.started)
 
 
 def report(run: PPORun, step: int, entry: dict) -> None:
-    """``ray.train.report`` of the iteration, with a checkpoint every ``train.save_steps`` (not at the end)."""
-    import ray.train
-
+    """Report the iteration to Ray Train, with a checkpoint every ``train.save_steps`` (not at the end)."""
     save_steps = run.config.train.save_steps
     if save_steps and step % save_steps == 0 and step < run.job.iterations:
         trainees = {"policy": run.policy, **run.critic.trainees()}
         folder = ckpt.save(run.work_dir, step, trainees, {"kl_coef": float(run.kl_ctl.value)}, run.rank)
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if run.rank == 0 else None
-        ray.train.report(entry, checkpoint=checkpoint)
+        # One rank reports the shared folder, once (ckpt.save ended on a barrier: every shard is written).
+        train_session.report(entry, checkpoint_dir=folder if run.rank == 0 else None)
     else:
-        ray.train.report(entry)
+        train_session.report(entry)
 
 
 def finish(run: PPORun) -> None:

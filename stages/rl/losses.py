@@ -7,6 +7,7 @@ or all-reduces them as it likes).
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .masked import masked_mean, masked_var
@@ -140,10 +141,27 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-def entropy_per_token(logits: Tensor) -> Tensor:
-    """``H = logsumexp(z) - sum(softmax(z) * z)`` per position: ``[..., V]`` -> ``[...]``."""
+ENTROPY_CHUNK = 1024  # positions per chunk: the fp32 [chunk, V] temporaries of a 128k vocabulary stay ~0.5 GB
+
+
+def _entropy(logits: Tensor) -> Tensor:
     z = logits.float()
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+
+
+def entropy_per_token(logits: Tensor, chunk: int = ENTROPY_CHUNK) -> Tensor:
+    """``H = logsumexp(z) - sum(softmax(z) * z)`` per position: ``[..., V]`` -> ``[...]``.
+
+    Computed over chunks of ``chunk`` positions, so the fp32 softmax of a bf16 ``[B, T, V]`` never
+    exists whole; with grad, each chunk is recomputed in the backward pass (checkpointed) instead
+    of keeping its temporaries.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.shape[0] <= chunk:
+        return _entropy(flat).reshape(logits.shape[:-1])
+    parts = [torch.utils.checkpoint.checkpoint(_entropy, part, use_reentrant=False) if part.requires_grad
+             else _entropy(part) for part in flat.split(chunk)]
+    return torch.cat(parts).reshape(logits.shape[:-1])
 
 
 def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:

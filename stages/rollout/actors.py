@@ -29,6 +29,7 @@ from stages.rollout.base import (
     SamplingParams,
     SyncInfo,
     create_engine,
+    split_ranges,
     resolve_engine_name,
     vllm_cpu_env_vars,
 )
@@ -73,15 +74,15 @@ class RolloutWorker:
 def rollout_placement_group(
     num_engines: int, num_cpus: float = 1, num_gpus: float = 0, strategy: str = "PACK", timeout_s: float = 120
 ):
-    """A ready placement group with one bundle per engine (``{"CPU": num_cpus, "GPU": num_gpus}``)."""
-    from ray.util.placement_group import placement_group
+    """A ready placement group with one bundle per engine (``{"CPU": num_cpus, "GPU": num_gpus}``); an
+    error naming the bundles after ``timeout_s``. A stage places from its plan (``stages.resources``)."""
+    from stages.resources import ready_placement_group
 
     bundle = {"CPU": num_cpus}
     if num_gpus:
         bundle["GPU"] = num_gpus
-    pg = placement_group([dict(bundle) for _ in range(num_engines)], strategy=strategy)
-    ray.get(pg.ready(), timeout=timeout_s)
-    return pg
+    return ready_placement_group([dict(bundle) for _ in range(num_engines)], f"{num_engines} rollout engine(s)",
+                                 timeout_s=timeout_s, strategy=strategy)
 
 
 def create_rollout_engines(
@@ -93,54 +94,62 @@ def create_rollout_engines(
     num_gpus: float = 0,
     placement_group=None,
     bundle_offset: int = 0,
+    bundles_per_engine: int = 1,
     engine_kwargs: dict | None = None,
     env_vars: dict[str, str] | None = None,
     kv_cache_gib: int = 1,
     ready: bool = True,
+    ready_timeout_s: float | None = None,
 ) -> list:
     """Start ``num_engines`` :class:`RolloutWorker` actors.
 
-    ``num_gpus``: per engine (set it to ``tensor_parallel_size`` for vLLM TP). With
-    ``placement_group``, engine ``i`` goes to bundle ``bundle_offset + i``. On machines without GPUs
-    (``num_gpus == 0``) and for ``engine in ("vllm", "auto")`` the actors get the vLLM CPU env vars.
-    ``ready=True`` waits until every engine has loaded (errors surface here).
+    ``num_gpus``: per engine actor. With ``placement_group``, engine ``i`` goes to bundle
+    ``bundle_offset + i * bundles_per_engine``; more than one bundle per engine is vLLM tensor
+    parallelism: the actor takes no GPU itself (give ``num_gpus=0``) and its rank workers take the
+    engine's bundles (``VLLM_RAY_BUNDLE_INDICES``). On machines without GPUs (``num_gpus == 0``, one
+    bundle per engine) and for ``engine in ("vllm", "auto")`` the actors get the vLLM CPU env vars.
+    ``ready=True`` waits until every engine has loaded (errors surface here), at most
+    ``ready_timeout_s`` when given.
     """
     if num_engines < 1:
         raise ValueError("num_engines must be >= 1")
     env = {}
-    if engine in ("vllm", "auto") and not num_gpus:
+    if engine in ("vllm", "auto") and not num_gpus and bundles_per_engine == 1:
         env.update(vllm_cpu_env_vars(kv_cache_gib=kv_cache_gib))
     env.update(env_vars or {})
     remote_cls = ray.remote(RolloutWorker)
     workers = []
     for i in range(num_engines):
-        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        if placement_group is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=placement_group,
-                placement_group_bundle_index=bundle_offset + i,
-                placement_group_capture_child_tasks=True,
-            )
+        first = bundle_offset + i * bundles_per_engine
+        options = _engine_options(num_cpus, num_gpus, env, placement_group, first, bundles_per_engine)
         workers.append(remote_cls.options(**options).remote(engine, str(model_path), engine_kwargs))
-    if ready:
+    if ready and ready_timeout_s is not None:
+        from stages.resources import wait_ready
+
+        wait_ready([w.info.remote() for w in workers], ready_timeout_s,
+                   f"{num_engines} rollout engine(s) ({num_cpus:g} CPU, {num_gpus:g} GPU each)")
+    elif ready:
         ray.get([w.info.remote() for w in workers])
     return workers
 
 
-def _split(count: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous, balanced [start, end) ranges; empty ranges dropped."""
-    base, extra = divmod(count, parts)
-    ranges, start = [], 0
-    for i in range(parts):
-        end = start + base + (1 if i < extra else 0)
-        if end > start:
-            ranges.append((start, end))
-        start = end
-    return ranges
+def _engine_options(num_cpus: float, num_gpus: float, env: dict[str, str], placement_group, first_bundle: int,
+                    bundles: int) -> dict[str, Any]:
+    """One engine actor's Ray options: its resources, env vars, and its bundle(s) of the placement group."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if bundles > 1:  # vLLM places its tensor-parallel workers on these bundles of the captured group
+        env = {**env, "VLLM_RAY_BUNDLE_INDICES": ",".join(str(first_bundle + r) for r in range(bundles))}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group,
+            placement_group_bundle_index=first_bundle,
+            placement_group_capture_child_tasks=True,
+        )
+    return options
 
 
 class RolloutGroup:
@@ -165,7 +174,7 @@ class RolloutGroup:
     def generate(self, prompts: Sequence, params: SamplingParams) -> list[Rollout]:
         refs = [
             w.generate.remote(list(prompts[a:b]), params.with_seed_offset(a * params.n))
-            for w, (a, b) in zip(self.workers, _split(len(prompts), len(self.workers)))
+            for w, (a, b) in zip(self.workers, split_ranges(len(prompts), len(self.workers)))
         ]
         return [r for chunk in ray.get(refs) for r in chunk]
 
@@ -174,7 +183,7 @@ class RolloutGroup:
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
         refs = [
             w.score.remote(list(prompt_ids[a:b]), list(response_ids[a:b]))
-            for w, (a, b) in zip(self.workers, _split(len(prompt_ids), len(self.workers)))
+            for w, (a, b) in zip(self.workers, split_ranges(len(prompt_ids), len(self.workers)))
         ]
         return [s for chunk in ray.get(refs) for s in chunk]
 

@@ -304,3 +304,16 @@ def engine_class(name: str) -> type[RolloutEngine]:
 def create_engine(name: str, model_path: str | os.PathLike, **kwargs: Any) -> RolloutEngine:
     """Build the engine registered as ``name`` (``"hf"``, ``"vllm"`` or ``"auto"``)."""
     return engine_class(name)(model_path, **kwargs)
+
+
+def split_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced [start, end) ranges of ``count`` items over ``parts`` engines; empty ranges dropped."""
+    base, extra = divmod(count, parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        if end > start:
+            ranges.append((start, end))
+        start = end
+    return ranges
+

@@ -18,7 +18,6 @@ import torch
 from stages.rollout.base import (
     FULL_PATH,
     LORA_PATH,
-    STATE_DICT,
     Rollout,
     RolloutEngine,
     SamplingParams,
@@ -27,12 +26,12 @@ from stages.rollout.base import (
 )
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
-
-
 class HFEngine(RolloutEngine):
-    """Rollouts with a Hugging Face causal LM on CPU (or one GPU with ``device="cuda"``)."""
+    """Rollouts with a Hugging Face causal LM on this actor's GPU when it has one, else the CPU.
+
+    ``device`` / ``dtype`` "auto" are decided here (``stages.devices``): the GPU Ray gave the actor,
+    in the checkpoint's 16-bit dtype (bf16 by default); the CPU in fp32.
+    """
 
     name = "hf"
 
@@ -41,8 +40,8 @@ class HFEngine(RolloutEngine):
         model_path: str | os.PathLike,
         *,
         tokenizer_path: str | os.PathLike | None = None,
-        dtype: str | torch.dtype = "float32",
-        device: str = "cpu",
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
         max_batch_size: int = 64,
         add_special_tokens: bool = True,
         num_threads: int | None = None,
@@ -53,8 +52,10 @@ class HFEngine(RolloutEngine):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_path = str(model_path)
-        self.dtype = _dtype(dtype)
-        self.device = torch.device(device)
+        from stages.devices import inference_dtype, local_device
+
+        self.device = local_device(str(device))
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else inference_dtype(str(dtype), self.device, model_path)
         self.max_batch_size = max_batch_size
         self.add_special_tokens = add_special_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or model_path))

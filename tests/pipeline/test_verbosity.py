@@ -16,10 +16,15 @@ LOAD_AND_SAVE = """
 import sys
 from pipeline.cluster import set_verbosity
 set_verbosity(sys.argv[1] == "verbose")
+from stages.log import configure
+configure()  # as every worker does first
+import bitsandbytes  # warns on import, here, that an optional CPU kernel package is missing
 from transformers import AutoModelForCausalLM
 AutoModelForCausalLM.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[3])
 from stages.log import stage_log
 stage_log("sft", "step 1/1 loss 0.5")
+from stages.log import progress
+stage_log("sft", f"step {progress(3, 8)}")
 """
 
 
@@ -32,6 +37,8 @@ def test_progress_bars_only_when_verbose(mode, tiny_base, tmp_path):
     bars = [text for text in ("Loading weights", "Writing model shards") if text in result.stderr]
     assert bars == ([] if mode == "quiet" else ["Loading weights", "Writing model shards"]), result.stderr[-2000:]
     assert "[rayalign] sft: step 1/1 loss 0.5" in result.stderr
+    assert "[rayalign] sft: step 3/8 [########------------] 38%" in result.stderr
+    assert ("gemm_4bit_forward" in result.stderr) == (mode == "verbose"), result.stderr[-2000:]
 
 
 def test_verbose_flag_before_or_after_the_command():

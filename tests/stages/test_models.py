@@ -13,7 +13,6 @@ from stages.models import is_adapter, merge_adapter, peft_config
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora", "ia3", "prompt_tuning"])
 def test_peft_methods_train_on_the_tiny_base(method, tiny_base):
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from stages.models import load_model
 
@@ -41,6 +40,13 @@ def test_deepspeed_config_per_stage():
     zero3 = deepspeed_config(DeepSpeedConfig(zero_stage=3, offload_params=True))
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    # CPU (gloo): no overlap, no pinned memory; GPUs: both on.
+    assert zero3["zero_optimization"]["overlap_comm"] is False
+    assert zero3["zero_optimization"]["offload_param"]["pin_memory"] is False
+    on_gpu = deepspeed_config(DeepSpeedConfig(zero_stage=3, offload_params=True, offload_optimizer=True), use_gpu=True)
+    assert on_gpu["zero_optimization"]["overlap_comm"] is True
+    assert on_gpu["zero_optimization"]["offload_param"]["pin_memory"] is True
+    assert on_gpu["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
 
 
 def test_merged_adapter_is_a_plain_transformers_model(tiny_base, tmp_path):

@@ -1,0 +1,57 @@
+"""Engines in this process behind the interface of :class:`stages.rollout.actors.RolloutGroup`.
+
+A PPO worker started without Ray (a standalone run: debugging, the GPU check in ``benchmarks/gpu``)
+is handed engine objects instead of actor handles; :func:`engine_group` wraps either kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from stages.rollout.base import Rollout, RolloutEngine, SamplingParams, SyncInfo, split_ranges
+
+
+class LocalEngines:
+    """The same fan-out as ``RolloutGroup`` (contiguous chunks, shifted seeds), one engine after another."""
+
+    def __init__(self, engines: Sequence[RolloutEngine]) -> None:
+        if not engines:
+            raise ValueError("LocalEngines needs at least one engine")
+        self.workers = list(engines)
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def info(self) -> list[dict]:
+        return [{"engine": e.name} for e in self.workers]
+
+    def generate(self, prompts: Sequence, params: SamplingParams) -> list[Rollout]:
+        out: list[Rollout] = []
+        for engine, (a, b) in zip(self.workers, split_ranges(len(prompts), len(self.workers))):
+            out += engine.generate(list(prompts[a:b]), params.with_seed_offset(a * params.n))
+        return out
+
+    def update_weights(self, source: Any) -> list[SyncInfo]:
+        return [e.update_weights(source) for e in self.workers]
+
+    def sleep(self) -> None:
+        for engine in self.workers:
+            engine.sleep()
+
+    def wake(self) -> None:
+        for engine in self.workers:
+            engine.wake()
+
+    def shutdown(self) -> None:
+        for engine in self.workers:
+            engine.close()
+        self.workers = []
+
+
+def engine_group(engines: Sequence):
+    """``LocalEngines`` over engine objects, a Ray ``RolloutGroup`` over actor handles."""
+    if all(isinstance(e, RolloutEngine) for e in engines):
+        return LocalEngines(engines)
+    from stages.rollout.actors import RolloutGroup
+
+    return RolloutGroup(engines)
