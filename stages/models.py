@@ -251,6 +251,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, trust_remote_cod
 def _merge_task(adapter_dir: str, out_dir: str, trust_remote_code: bool) -> dict:
     import socket
 
+    from stages.log import configure
+
+    configure()  # before peft / transformers are imported (quiet mode quiets their import-time notices)
+
     merge_adapter(adapter_dir, out_dir, trust_remote_code)
     return {"out_dir": out_dir, "pid": os.getpid(), "host": socket.gethostname(),
             "precision": merge_precision(adapter_dir)}

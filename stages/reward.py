@@ -89,13 +89,13 @@ def describe_heldout(metrics: dict) -> str:
 
 def train_reward_worker(args: dict) -> None:
     """Per-worker reward-model loop (Ray Train ``train_loop_per_worker``)."""
-    from trl import RewardConfig as TRLRewardConfig
-    from trl import RewardTrainer
-
     from stages.models import load_model, peft_config
     from stages.worker import is_rank_zero, start_worker, train_and_save, training_arguments
 
     job, config, tokenizer = start_worker(args, RewardConfig, RewardJob)
+    from trl import RewardConfig as TRLRewardConfig  # after start_worker: its logging settings see TRL's imports
+    from trl import RewardTrainer
+
     train_args = training_arguments(TRLRewardConfig, job, config,
                                     center_rewards_coefficient=config.center_rewards_coefficient)
     model = load_model(job.model_source, config.peft, job.precision, head="reward",

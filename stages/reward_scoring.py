@@ -23,6 +23,9 @@ class RewardScorer:
 
     def __init__(self, model_dir: str | Path, batch_size: int = 32, max_length: int | None = None,
                  device: str = "auto", dtype: str = "auto", num_threads: int | None = None) -> None:
+        from stages.log import configure
+
+        configure()  # in a Ray actor: before transformers' imports (quiet mode quiets their notices)
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -45,13 +45,13 @@ def run(ctx: StageContext) -> StageResult:
 
 def train_sft_worker(args: dict) -> None:
     """Per-worker SFT loop (Ray Train ``train_loop_per_worker``)."""
-    from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
-
     from stages.models import load_model, peft_config
     from stages.worker import start_worker, train_and_save, training_arguments
 
     job, config, tokenizer = start_worker(args, SFTConfig)
+    from trl import SFTConfig as TRLSFTConfig  # after start_worker: its logging settings see TRL's imports
+    from trl import SFTTrainer
+
     train_args = training_arguments(TRLSFTConfig, job, config, assistant_only_loss=config.assistant_only_loss,
                                     packing=config.packing)
     model = load_model(job.model_source, config.peft, job.precision, trust_remote_code=job.trust_remote_code,

@@ -30,11 +30,11 @@ def start_worker(args: dict, config_cls: type[StageConfigT], job_cls: type[Worke
     """A training worker's first lines: its typed job and config, the environment, the tokenizer."""
     from stages.models import load_tokenizer
 
-    from transformers import set_seed
-
     job, config = worker_inputs(args, config_cls, job_cls)
     job = resolve_on_worker(job, config)
     setup_worker(job)
+    from transformers import set_seed  # after setup_worker's logging: it imports peft and bitsandbytes, which warn
+
     # Before any model loads: a new head (the reward model's score layer) is initialised from this seed,
     # so a stage rerun with the same fingerprint trains the same model.
     set_seed(config.train.seed)

@@ -66,7 +66,10 @@ class EvalWorker:
                  kl_sampling: dict | None = None, chat_template: str | None = None, device: str = "cpu",
                  gpu_settings: dict | None = None) -> None:
         from stages.chat_templates import apply_chat_template_choice
+        from stages.log import configure
         from stages.rollout import create_engine, resolve_engine_name
+
+        configure()  # before the engines import their libraries (quiet mode quiets their import-time notices)
 
         self.engine_name = resolve_engine_name(engine)
         self.engine_kwargs = dict(engine_kwargs or {})

@@ -39,6 +39,9 @@ class RolloutWorker:
     """Holds one engine. Wrapped with ``ray.remote`` by :func:`create_rollout_engines`."""
 
     def __init__(self, engine: str, model_path: str, engine_kwargs: dict | None = None) -> None:
+        from stages.log import configure
+
+        configure()  # before the engine imports its libraries (quiet mode quiets their import-time notices)
         # Ray sets OMP_NUM_THREADS from num_cpus; torch follows it for intra-op threads.
         self.engine_name = resolve_engine_name(engine)
         self.engine = create_engine(self.engine_name, model_path, **(engine_kwargs or {}))

@@ -48,8 +48,8 @@ def test_the_shipped_tiny_dag_runs_end_to_end(ray_cluster, addition_sft, tmp_pat
     # per-report and worker-group INFO lines do not (they stay in the session's log files).
     printed = "".join(capfd.readouterr())
     assert re.search(r"\[rayalign\] ppo \+\d+s: iteration 10/10 \[#{20}\] 100%", printed), printed[-3000:]
-    noise = [line for line in ("Reporting training result", "Started training worker group", "Requesting resources")
-             if line in printed]
+    noise = [line for line in ("Reporting training result", "Started training worker group", "Requesting resources",
+                               "Failed to load CPU gemm_4bit_forward") if line in printed]
     assert not noise, noise
     assert set(artifacts) == {"base", "sft", "reward", "dpo", "ppo", "grpo", "eval"}
     for node, artifact in artifacts.items():
