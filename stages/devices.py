@@ -26,11 +26,14 @@ def local_device(requested: str = "auto") -> torch.device:
 
 
 def checkpoint_dtype(model_dir: str | Path | None) -> str | None:
-    """The dtype a HF folder's ``config.json`` declares (``dtype`` / ``torch_dtype``), if any."""
+    """The dtype a HF folder's ``config.json`` declares, as a torch name (``stages.models.base_precision``
+    reads it); None without a config."""
     if model_dir is None or not (Path(model_dir) / "config.json").exists():
         return None
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return config.get("dtype") or config.get("torch_dtype")
+    from stages.models import base_precision
+
+    precision = base_precision(json.loads((Path(model_dir) / "config.json").read_text()))
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
 
 
 def inference_dtype(requested: str, device: torch.device, model_dir: str | Path | None = None) -> torch.dtype:

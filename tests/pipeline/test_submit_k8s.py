@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.k8s import render_file
+from pipeline.k8s import CONFIG_MOUNT, render_file  # CONFIG_MOUNT: the pipeline file's path inside the image
 from pipeline.spec import SpecError
 from pipeline.submit import build_job, describe, submit
 from tests.helpers import quick_sft
@@ -119,13 +119,13 @@ def test_gpu_config_gets_gpu_workers_and_a_secret_token(rayjob_validator, monkey
     _check_rayjob(rayjob_validator, rayjob)
     assert not warnings
     sweep = _documents(render_file("configs/gpu-8b-qlora.yaml", command="sweep")[0])[1]
-    assert sweep["spec"]["entrypoint"].startswith("rayalign sweep /home/ray/rayalign/gpu-8b-qlora.yaml ")
+    assert sweep["spec"]["entrypoint"].startswith(f"rayalign sweep {CONFIG_MOUNT}/gpu-8b-qlora.yaml ")
     head, worker = _containers(rayjob)
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 4
     assert worker["resources"]["limits"] == {"cpu": "8", "memory": "96Gi", "nvidia.com/gpu": "1"}
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
-    assert rayjob["spec"]["entrypoint"].startswith("rayalign run /home/ray/rayalign/gpu-8b-qlora.yaml ")
+    assert rayjob["spec"]["entrypoint"].startswith(f"rayalign run {CONFIG_MOUNT}/gpu-8b-qlora.yaml ")
     assert rayjob["metadata"]["namespace"] == config_map["metadata"]["namespace"] == "ml"
     token = next(e for e in worker["env"] if e["name"] == "HF_TOKEN")
     assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}
