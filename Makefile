@@ -4,6 +4,7 @@
 #   .venv       the project with its pins (CPU torch where there is no NVIDIA GPU)
 #   .venv-vllm  on CPU machines only: the same plus the community vLLM CPU build, which
 #               downgrades numpy and pulls CUDA torchvision; kept apart so the main stack stays as pinned.
+#               `make demo` runs here (its RL rollouts are served by vLLM).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -54,8 +55,15 @@ else
 	mkdir -p $(VLLM_VENV) && touch $@
 endif
 
+# The demo's PPO and GRPO stages generate their rollouts on vLLM engines (rollout.engine: auto). Without an
+# NVIDIA GPU the vLLM build is the CPU one, which lives in .venv-vllm with the whole stack; so the demo runs there.
+ifeq ($(HAS_NVIDIA),)
+demo: install-vllm
+	$(VLLM_VENV)/bin/python -m pipeline.demo configs/tiny.yaml
+else
 demo: install
 	$(PY) -m pipeline.demo configs/tiny.yaml
+endif
 
 # The README's test command: everything, on a fresh machine.
 test: test-main test-vllm

@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{spec.name}: pipeline finished in {elapsed:.0f}s; artifacts under {spec.run_root()}")
     for node, artifact in artifacts.items():
         print(f"  {node:<10} {artifact.manifest.get('kind', '?'):<8} {artifact.path}")
+    for node, artifact in artifacts.items():
+        if artifact.manifest.get("rollout_engine"):  # which engine generated the RL stage's rollouts
+            verified = "sync_probe_diff" in (artifact.manifest.get("curves") or {})
+            print(f"  {node}: rollouts on {artifact.manifest['rollout_engine']} engines "
+                  f"(weight sync: {artifact.manifest.get('sync_method')}, "
+                  f"{'verified every iteration' if verified else 'not verified'})")
     eval_tables = [a for a in artifacts.values() if a.manifest.get("kind") == "eval"]
     if eval_tables:
         for artifact in eval_tables:

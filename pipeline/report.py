@@ -167,6 +167,15 @@ window.addEventListener('load', function () {
 """
 
 
+def _kind(node: Node) -> str:
+    """The stage kind, and for RL stages the engine that served their rollouts (and how weights were synced)."""
+    engine = node.manifest.get("rollout_engine")
+    if not engine:
+        return node.kind
+    sync = node.manifest.get("sync_method")
+    return f"{node.kind} (rollouts on {engine}" + (f", sync {sync})" if sync else ")")
+
+
 def _e(value) -> str:
     return html.escape(str(value))
 
@@ -189,7 +198,7 @@ def render_html(spec: PipelineSpec, nodes: list[Node], dag_figure: Figure, secti
         inputs = ", ".join(f"{role}={p}" for role, p in node.parents.items()) or "–"
         color = STATUS_COLORS.get(node.status, "#757575")
         error = f"<div class='muted'>{_e(node.manifest.get('error', ''))[:300]}</div>" if node.status == "failed" else ""
-        out.append(f"<tr data-stage='{_e(node.name)}'><td><b>{_e(node.name)}</b></td><td>{_e(node.kind)}</td>"
+        out.append(f"<tr data-stage='{_e(node.name)}'><td><b>{_e(node.name)}</b></td><td>{_e(_kind(node))}</td>"
                    f"<td>{_e(inputs)}</td><td><span class='status' style='background:{color}'>{_e(node.status)}</span>"
                    f"{error}</td><td><code>{_e(node.fingerprint or '–')}</code></td>"
                    f"<td>{_e(node.manifest.get('started', '–'))}</td>"
@@ -313,7 +322,7 @@ def render_markdown(spec: PipelineSpec, nodes: list[Node], sections: list[dict],
              "|---|---|---|---|---|---|"]
     for node in nodes:
         inputs = ", ".join(f"{r}={p}" for r, p in node.parents.items()) or "–"
-        lines.append(f"| {node.name} | {node.kind} | {inputs} | {node.status} | `{node.fingerprint or '–'}` | "
+        lines.append(f"| {node.name} | {_kind(node)} | {inputs} | {node.status} | `{node.fingerprint or '–'}` | "
                      f"{_duration(node.manifest.get('seconds'))} |")
     for section in sections:
         lines += ["", f"## {section['title']}", ""] + section.get("markdown", [])

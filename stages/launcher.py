@@ -53,12 +53,16 @@ def worker_env(ctx: StageContext) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
     }
+    if not is_verbose():  # vLLM logs every engine start step at INFO (dozens of lines per engine)
+        env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")
     tracking = ctx.run.tracking
     run_root = ctx.run.run_root
     if tracking.backend == "tensorboard":
         env["TENSORBOARD_LOGGING_DIR"] = str(run_root / "tensorboard" / ctx.name)
     elif tracking.backend == "mlflow":
         env["MLFLOW_TRACKING_URI"] = tracking.mlflow_uri or (run_root / "mlruns").as_uri()
+        if env["MLFLOW_TRACKING_URI"].startswith("file:"):  # mlflow >= 3.7 refuses a file store without it
+            env["MLFLOW_ALLOW_FILE_STORE"] = "true"
         env["MLFLOW_EXPERIMENT_NAME"] = ctx.run.pipeline
         env["MLFLOW_RUN_NAME"] = ctx.name
     elif tracking.backend == "wandb":

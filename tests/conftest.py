@@ -51,13 +51,38 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
+# Where the SFT policy below is kept between test sessions: `make test` runs two (.venv, then .venv-vllm).
+TEST_CACHE = Path(os.environ.get("RAYALIGN_TEST_CACHE", REPO / ".cache" / "tests"))
+
+
 @pytest.fixture(scope="session")
 def addition_sft(tiny_base, tmp_path_factory) -> Path:
-    """A full-SFT policy on the addition task's flawed demonstrations (in-process, once per session):
-    the start of the PPO, reward and DPO tests."""
-    from tests.addition_models import SFT_BATCH, SFT_STEPS, train_sft_in_process
+    """A full-SFT policy on the addition task's flawed demonstrations (in-process): the start of the PPO,
+    reward and DPO tests. Trained once and kept in TEST_CACHE under a key of everything that makes it (the
+    code that builds the base and trains it, torch's version, the recipe), so the vLLM session reuses it."""
+    import hashlib
+    import shutil
 
-    return train_sft_in_process(tiny_base, tmp_path_factory.mktemp("addition-sft") / "model", SFT_STEPS, SFT_BATCH)
+    import torch
+
+    from tests import addition_models
+    from tests.addition_models import SFT_BATCH, SFT_STEPS, train_sft_in_process
+    from stages import tiny_base as tiny_base_module
+
+    recipe = "".join(Path(m.__file__).read_text() for m in (addition_models, tiny_base_module))
+    key = hashlib.sha256(f"{recipe}|{torch.__version__}|{SFT_STEPS}|{SFT_BATCH}".encode()).hexdigest()[:16]
+    cached = TEST_CACHE / f"addition-sft-{key}" / "model"
+    if (cached / "config.json").is_file():
+        return cached
+    model = train_sft_in_process(tiny_base, tmp_path_factory.mktemp("addition-sft") / "model", SFT_STEPS, SFT_BATCH)
+    staging = cached.parent.with_name(f".{cached.parent.name}.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(model, staging / "model")
+    try:
+        staging.rename(cached.parent)  # atomic: another session sees all of it or nothing
+    except OSError:  # another session got there first
+        shutil.rmtree(staging, ignore_errors=True)
+    return cached if (cached / "config.json").is_file() else model
 
 
 REQUIRE_VLLM = "RAYALIGN_REQUIRE_VLLM"

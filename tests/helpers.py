@@ -49,3 +49,17 @@ def kill_at_first_checkpoint(run: subprocess.Popen, stage_dir: Path, marker: str
     time.sleep(settle)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
+
+
+def reference_logprobs(model, P, R) -> list[list[float]]:
+    """The model's own teacher-forced log-probs, one sequence at a time (no padding involved)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p, r in zip(P, R):
+            ids = torch.tensor([p + r])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            tok = logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+            out.append(tok[len(p) - 1 : len(p) - 1 + len(r)].tolist())
+    return out

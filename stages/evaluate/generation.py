@@ -71,7 +71,7 @@ class EvalWorker:
 
         configure()  # before the engines import their libraries (quiet mode quiets their import-time notices)
 
-        self.engine_name = resolve_engine_name(engine)
+        self.engine_name = resolve_engine_name(engine, model_path)
         self.engine_kwargs = dict(engine_kwargs or {})
         if self.engine_name == "hf":
             self.engine_kwargs.setdefault("device", device)

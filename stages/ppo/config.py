@@ -33,8 +33,22 @@ class RolloutConfig(ConfigModel):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    sync: Literal["auto", "state_dict", "folder"] = Field(
-        "auto", description="Full fine-tuning: send a state_dict or a saved folder (LoRA always sends the adapter)."
+    sync: Literal["auto", "stream", "state_dict", "folder"] = Field(
+        "auto", description="Full fine-tuning: auto = broadcast the weights to the engines' processes one tensor at a "
+        "time (stages.rollout.weight_stream), a state_dict through the object store where that cannot run; stream = "
+        "the broadcast or an error; state_dict; or a saved folder. LoRA always sends the adapter."
+    )
+    verify_sync: Literal["error", "warn", "off"] = Field(
+        "error", description="After every sync each engine proves it serves the new weights: the version it "
+        "applied, its adapter, and its log-probs of a fixed probe against the trainer's (stages.ppo.verify)."
+    )
+    verify_tolerance: float | None = Field(
+        None, gt=0.0, description="Largest |engine - trainer| log-prob on the probe; default by precision "
+        "(stages.ppo.verify.default_tolerance)."
+    )
+    max_restarts: int = Field(
+        1, ge=0, description="Ray restarts of a dead engine actor; the failed call is retried once after the "
+        "current weights were sent to it."
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")
 

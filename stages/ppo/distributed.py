@@ -62,3 +62,27 @@ def gathered_state_dict(module: torch.nn.Module, trainable_only: bool = False) -
         persistent = set(module.state_dict().keys())
         out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in persistent})
     return out if rank == 0 else None
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is True on any (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    _, world = dist_info()
+    if world == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def from_rank0(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Rank 0's ``values`` on every rank (a collective; the other ranks pass placeholders of the same length)."""
+    import torch.distributed as dist
+
+    _, world = dist_info()
+    if world == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.cpu().tolist()

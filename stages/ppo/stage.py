@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log(describe_run(config, iterations, engines))
         log = launcher.launch(ctx, config, train_ppo_worker, job, engines=engines.workers,
                               reward_actor=reward_actor)
-        after = evaluation.run(engines.group) if evaluation else {}
+        after = evaluation.run(engines.group, weights=job.model_dir) if evaluation else {}
         if after:
             ctx.log(f"held-out accuracy of the trained policy: {after['accuracy']:.1%}")
     finally:
@@ -179,6 +179,7 @@ class RolloutEngines:
             engines.count, rollout.engine, self.model_source, num_cpus=engines.cpus, num_gpus=engines.actor_gpus,
             placement_group=self.placement_group if engines.bundles() else None, bundles_per_engine=engines.ranks,
             engine_kwargs=kwargs, env_vars=launcher.worker_env(self.ctx), ready_timeout_s=READY_TIMEOUT_S,
+            max_restarts=rollout.max_restarts,
         )
         self.group = RolloutGroup(self.workers)
         self.engine_name = self.group.info()[0]["engine"]
@@ -230,15 +231,23 @@ class HeldOut:
         tokenizer = load_tokenizer(model_source, config.chat_template, ctx.run.trust_remote_code)
         return cls(get_task(task_name), examples, tokenizer, source, config.rollout.max_new_tokens)
 
-    def run(self, group) -> dict:
+    def run(self, group, weights: str | None = None) -> dict:
+        """Greedy accuracy of what the engines hold; ``weights`` (the policy's folder) is sent again to an
+        engine that died and was restarted on its starting model meanwhile."""
         from stages.chat_templates import conversation_ids
         from stages.rollout import SamplingParams
+        from stages.rollout.base import EngineRestarted
+        from stages.tasks.grading import grade, verifier_accuracy
 
         ids = [conversation_ids(self.tokenizer, [m.to_dict() for m in e.prompt], add_generation_prompt=True)
                for e in self.examples]
-        from stages.tasks.grading import grade, verifier_accuracy
-
-        results = group.generate(ids, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
+        try:
+            results = group.generate(ids, params)
+        except EngineRestarted:
+            if weights is not None:
+                group.update_weights(weights)
+            results = group.generate(ids, params)
         graded = verifier_accuracy(*grade(self.task, self.examples, [r.response_text for r in results]))
         out = {"accuracy": graded["accuracy"], "prompts": graded["n"]}
         if len(graded["categories"]) > 1:

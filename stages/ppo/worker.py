@@ -37,6 +37,7 @@ from stages.ppo.experience import Batch, Experience, make_experience, pack, resp
 from stages.ppo.policy import ActorCritic, is_peft
 from stages.ppo.prompts import PromptPlan, my_engines
 from stages.ppo.sync import save_policy, sync_weights
+from stages.ppo.tracking import open_tracker
 from stages.ppo.trainee import Trainee, place_frozen, zero3_init
 from stages.rl import AdaptiveKLController, FixedKLController, aggregate_loss, entropy_from_logits, k3
 from stages.rl import explained_variance, ppo_policy_loss
@@ -70,6 +71,9 @@ class PPORun:
     resumed_from: str | None = None
     history: list[dict] = field(default_factory=list)
     writer: object = None
+    probe: object = None  # stages.ppo.verify.Probe: what the engines score after each sync
+    adapters: list = field(default_factory=list)  # the adapter each engine used at the last verified sync
+    engine_restarts: int = 0
     token_cache: dict[int, list[int]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -148,9 +152,11 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
         run.ref_model = place_frozen(ref_model, config, job.precision, run.device)
     resume(run)
     run.history = load_history(run.work_dir, run.start) if rank == 0 else []
-    run.writer = tensorboard_writer(job, run.start) if rank == 0 else None
+    run.writer = open_tracker(job, run.start) if rank == 0 else None
     if run.start > 0:  # the engines start from the initial policy: bring them to the restored one
         sync(run, run.start)
+    else:  # the engines and the trainer must agree before the first rollout too
+        verify_sync(run, 0)
     return run
 
 
@@ -189,7 +195,8 @@ def rollout(run: PPORun, iteration: int) -> tuple[list, dict[str, float]]:
                             top_p=rollout_config.top_p, top_k=rollout_config.top_k, n=rollout_config.n,
                             seed=seed * 1_000_003 + iteration * 10_007 + run.rank * 101)
     started = time.perf_counter()
-    results = run.engines.generate([run.token_cache[i] for i in indices], params)
+    # The engines hold the weights of step `iteration` (the last sync); a restarted one gets them again.
+    results = recovering(run, iteration, lambda: run.engines.generate([run.token_cache[i] for i in indices], params))
     seconds = {"rollout": time.perf_counter() - started}
     if rollout_config.colocate:
         ckpt.barrier()
@@ -239,11 +246,87 @@ def update(run: PPORun, exp: Experience, iteration: int) -> tuple[dict, float]:
 
 
 def sync(run: PPORun, step: int) -> dict:
-    """The policy to every engine (woken first under colocate)."""
+    """The policy to every engine (woken first under colocate), sent again once when an engine died and
+    was restarted meanwhile; then verified (``rollout.verify_sync``)."""
+    from stages.rollout.base import EngineRestarted
+
     if run.config.rollout.colocate and run.rank == 0:
         run.all_engines.wake()
-    return sync_weights(run.actor, run.all_engines if run.rank == 0 else None, run.work_dir, step,
-                        run.config.rollout.sync)
+    engines = run.all_engines if run.rank == 0 else None
+    for attempt in range(2):
+        try:
+            synced = sync_weights(run.actor, engines, run.work_dir, step, run.config.rollout.sync)
+            return {**synced, **verify_sync(run, step)}
+        except EngineRestarted as exc:  # raised on every rank together (see sync_weights, verify_sync)
+            if attempt:
+                raise
+            note_restart(run, exc, step)
+    raise AssertionError("unreachable")
+
+
+def verify_sync(run: PPORun, step: int) -> dict:
+    """Every engine proves it serves the weights of ``step`` (``stages.ppo.verify``); collective.
+
+    Rank 0 asks the engines and judges; every rank computes the trainer's probe log-probs (a ZeRO-3
+    forward needs all ranks) and learns rank 0's verdict, so that all stop together on a mismatch.
+    """
+    from stages.ppo import verify
+    from stages.ppo.distributed import from_rank0
+    from stages.rollout.base import EngineRestarted
+
+    rollout_config = run.config.rollout
+    if rollout_config.verify_sync == "off":
+        return {}
+    if run.probe is None:
+        from stages.chat_templates import conversation_ids
+
+        prompt = conversation_ids(run.tokenizer, run.plan.rows[0]["prompt"], add_generation_prompt=True)
+        run.probe = verify.Probe.build(run.tokenizer, prompt)
+    expected = verify.trainer_logprobs(run.actor, run.probe, run.tokenizer.pad_token_id)
+    verdict, restarted = None, None
+    if run.rank == 0:
+        tolerance = rollout_config.verify_tolerance or verify.default_tolerance(run.job.precision)
+        try:
+            reports = run.all_engines.serving(run.probe.prompt_ids, run.probe.response_ids)
+            verdict = verify.judge(reports, expected, step, tolerance, run.adapters, lora=is_peft(run.actor.policy))
+            run.adapters = verdict.adapters
+        except EngineRestarted as exc:
+            restarted = exc
+    died, failed, max_diff = from_rank0([float(restarted is not None), 0.0 if verdict is None or verdict.ok else 1.0,
+                                         verdict.max_diff if verdict else 0.0], run.device)
+    if died:  # every rank raises, so that sync() sends the weights again on all of them
+        raise restarted or EngineRestarted([], "serving", "reported by rank 0")
+    if failed:
+        message = verify.explain(verdict, step) if verdict else f"weight sync at step {step} not verified (rank 0)"
+        if rollout_config.verify_sync == "error":
+            raise verify.SyncVerificationError(message)
+        if run.rank == 0:
+            stage_log(run.job.stage, f"WARNING: {message}", run.started)
+    return {"sync_probe_diff": max_diff}
+
+
+def recovering(run: PPORun, weights_step: int, call):
+    """``call()`` on this rank's engines; when an engine of any rank died and was restarted, every rank
+    sends the weights of ``weights_step`` again (collective) and the ranks whose call failed retry once."""
+    from stages.ppo.distributed import any_rank
+    from stages.rollout.base import EngineRestarted
+
+    try:
+        result, failure = call(), None
+    except EngineRestarted as exc:
+        result, failure = None, exc
+    if not any_rank(failure is not None, run.device):
+        return result
+    note_restart(run, failure, weights_step)
+    sync(run, weights_step)
+    return call() if failure is not None else result
+
+
+def note_restart(run: PPORun, failure, step: int) -> None:
+    """Count a restart (rank 0 records the count) and say what happens next."""
+    run.engine_restarts += 1
+    if failure is not None:
+        stage_log(run.job.stage, f"{failure}; sending them the weights of step {step} and retrying", run.started)
 
 
 def ppo_update(exp: Experience, policy: Trainee, critic: Critic, config: PPOConfig, kl_coef: float,
@@ -312,7 +395,8 @@ def record(run: PPORun, step: int, exp: Experience, scores: torch.Tensor, finish
         "training_tokens": float(exp.batch.attention_mask.sum()) * run.config.algorithm.ppo_epochs,
         "training_seconds": seconds["training"], "experience_seconds": seconds["experience"],
         "sync_seconds": synced["sync_seconds"], "lr": run.policy.lr, "iteration_seconds": seconds["iteration"],
-        "samples": float(mask.shape[0]),
+        "samples": float(mask.shape[0]), "engine_restarts": float(run.engine_restarts),
+        **({"sync_probe_diff": synced["sync_probe_diff"]} if "sync_probe_diff" in synced else {}),
         **{f"reward_{name}_mean": sum(v) / len(v) for name, v in parts.items() if len(parts) > 1},
         **stats,
     }
@@ -334,11 +418,8 @@ def record(run: PPORun, step: int, exp: Experience, scores: torch.Tensor, finish
 def write_records(run: PPORun, step: int, entry: dict) -> None:
     run.history.append(entry)
     append_metrics(run.work_dir, entry)
-    if run.writer is not None:
-        for key, value in entry.items():
-            if key not in ("step", "sync_method"):
-                run.writer.add_scalar(f"ppo/{key}", value, step)
-        run.writer.flush()
+    if run.writer is not None:  # stages.ppo.tracking: numbers only, under ppo/
+        run.writer.log(entry, step)
     if step % run.config.train.logging_steps == 0 or step == run.job.iterations or step == run.start + 1:
         value_loss = f"value_loss {entry['value_loss']:.4f} " if "value_loss" in entry else ""
         stage_log(run.job.stage, f"iteration {progress(step, run.job.iterations)} reward {entry['reward_mean']:.3f} "
@@ -383,6 +464,7 @@ def finish(run: PPORun) -> None:
     }
     info = {"reference": "adapter-disabled policy" if run.ref_model is None else "frozen copy",
             "critic": run.critic.mode, "sync_method": run.history[-1].get("sync_method") if run.history else None,
+            "engine_restarts": int(run.history[-1].get("engine_restarts", 0)) if run.history else 0,
             **parameter_counts(run.actor, run.critic.module, run.ref_model)}
     (run.work_dir / WORKER_INFO).write_text(json.dumps(info))
     (run.work_dir / TRAIN_LOG).write_text(json.dumps(log, default=float))
@@ -403,14 +485,3 @@ def load_history(work_dir: Path, start: int) -> list[dict]:
 def append_metrics(work_dir: Path, entry: dict) -> None:
     with open(work_dir / METRICS_FILE, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
-
-
-def tensorboard_writer(job: PPOJob, start: int):
-    import os
-
-    if job.report_to != "tensorboard":
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    log_dir = job.env.get("TENSORBOARD_LOGGING_DIR") or os.environ.get("TENSORBOARD_LOGGING_DIR")
-    return SummaryWriter(log_dir=log_dir, purge_step=start + 1 if start else None) if log_dir else None

