@@ -470,14 +470,15 @@ def test_engines_in_ray_actors(ray_local, base_dir, trained_dir, prompts, fixed_
 
 
 @needs_vllm
-def test_vllm_in_ray_actor_with_auto(ray_local, base_dir, prompts, adapter_dir, fixed_pair):
-    """`auto` picks vLLM inside the actor; a mixed hf+vllm group gives the same greedy results."""
+def test_vllm_in_ray_actor_in_a_mixed_group(ray_local, base_dir, prompts, adapter_dir, fixed_pair):
+    """A vLLM engine in a Ray actor (with the CPU build's env vars); a mixed hf+vllm group gives the same greedy
+    results. (`auto` would pick hf for this 0.5M-parameter model on a CPU: test_auto_picks_hf_...)"""
     from stages.rollout.actors import RolloutGroup, create_rollout_engines
 
     local = create_engine("hf", base_dir)
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     expected = local.generate(prompts, greedy)
-    [vllm_worker] = create_rollout_engines(1, "auto", str(base_dir), num_cpus=1, engine_kwargs=_VLLM_KWARGS)
+    [vllm_worker] = create_rollout_engines(1, "vllm", str(base_dir), num_cpus=1, engine_kwargs=_VLLM_KWARGS)
     [hf_worker] = create_rollout_engines(1, "hf", str(base_dir), num_cpus=1)
     group = RolloutGroup([hf_worker, vllm_worker])
     try:
