@@ -104,23 +104,12 @@ def build_llama100m(out_dir: Path) -> dict:
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         del model
+    from stages.rollout.base import saved_parameters
+
     parameters = saved_parameters(out_dir)
     return {"parameters": parameters, "vocab_size": len(tokenizer), "positions": MAX_POSITIONS, **shape,
             "tied_embeddings": False, "tokenizer": "stages.tiny_base.build_char_tokenizer (120 tokens)",
             "eos": "unreachable (make_eos_unreachable): every sample runs to max_new_tokens"}
-
-
-def saved_parameters(folder: Path) -> int:
-    """Parameters in a saved HF folder, from the safetensors headers (the weights are not loaded)."""
-    import math
-
-    from safetensors import safe_open
-
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as handle:
-            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
-    return total
 
 
 def make_eos_unreachable(model, eos_id: int, channel: int = 0, level: float = 30.0) -> None:

@@ -52,8 +52,8 @@ def push_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: s
 
     Collective (every rank calls it; rank 0 talks to the engines). ``engines`` is a
     ``RolloutGroup`` over all engines (rank 0) or None. LoRA: the adapter goes through a folder
-    (``<work_dir>/sync/step-N``; each engine loads it under a fresh LoRA id). Full weights: a
-    state_dict (``mode`` auto / state_dict) or a saved folder (``mode: folder``). Each engine records
+    (``<work_dir>/sync/step-N``; each engine loads it under a fresh LoRA id). Full weights:
+    :func:`push_full_weights` (streamed, or a state_dict) or a saved folder (``mode: folder``). Each engine records
     ``step`` as the version it serves (``stages.ppo.verify``).
     """
     rank, _ = dist_info()
