@@ -10,13 +10,17 @@ engines are then measured in that venv). Otherwise the reason it was skipped is 
 
 Part 2 -- GRPO, same tiny model, same generation settings (prompts x n completions of at most
 ``max_new_tokens``, temperature 1), full fine-tuning, one optimizer step per iteration over all
-samples, KL coefficient ``beta`` (k3, in the loss) on both sides, dropout off:
-  * rayalign: the ``ppo`` stage with ``algorithm.advantage: grpo`` through the pipeline runner (one
-    Ray Train worker + one hf rollout-engine actor); samples/s from the per-iteration wall time
-    (median after the first), and end to end (stage wall time, Ray start-up included);
-  * TRL: ``GRPOTrainer`` in this process (HF ``generate``, no vLLM); samples/s from the per-step
-    time (median after the first) and from ``train_runtime``.
-The ratio is rayalign / TRL. Not part of the test suite.
+samples, KL coefficient ``beta`` (k3, in the loss) on both sides, dropout off, on the machine's 2 cores:
+  * rayalign: the ``ppo`` stage with ``algorithm.advantage: grpo`` through the pipeline runner, in each
+    rollout layout of ``LAYOUTS`` (one Ray Train worker; the engine in its process, or an hf engine
+    actor sharing its cores, or an actor on a core of its own); samples/s from the wall time between
+    iteration ends (median after the first: rollout, scoring, experience, update, sync, verification
+    and reporting all count), with that time split into its phases, and end to end (stage wall time,
+    Ray start-up and the held-out scoring included);
+  * TRL: ``GRPOTrainer`` in this process (HF ``generate``, no vLLM, 2 threads), run before and after
+    rayalign's layouts; samples/s from the time between step ends (median after the first) and from
+    ``train_runtime``.
+The ratio is rayalign / TRL (the mean of its two runs). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+PHASES = ("rollout", "scoring", "experience", "training", "sync", "verify")  # stages.ppo.records.PHASES
 
 
 def addition_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -109,7 +114,17 @@ def engines_part(model: str, args) -> dict:
     return out
 
 
-def grpo_rayalign(model: str, storage: Path, args) -> dict:
+# Where the rollouts run (rollout and scaling settings of the stage), each on the same 2 cores.
+LAYOUTS = {
+    "trainer": ("the engine in the training worker's process (rollout.engine: trainer), 1 worker x 2 CPUs",
+                {"engine": "trainer"}, 2),
+    "actor_colocated": ("an hf engine actor sharing the worker's 2 CPUs (rollout.colocate), 1 worker x 2 CPUs",
+                        {"engine": "hf", "colocate": True}, 2),
+    "actor_separate": ("an hf engine actor on 1 CPU of its own, 1 worker x 1 CPU", {"engine": "hf"}, 1),
+}
+
+
+def grpo_rayalign(model: str, storage: Path, args, layout: str) -> dict:
     from pipeline.runner import run_pipeline
     from pipeline.spec import parse_spec
 
@@ -120,26 +135,29 @@ def grpo_rayalign(model: str, storage: Path, args) -> dict:
                          "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
              "train": {"max_steps": args.iterations, "lr": 1e-5, "batch_size": args.prompts * args.n,
                        "logging_steps": args.iterations, "lr_schedule": "constant"},
-             "scaling": {"num_workers": 1, "cpus_per_worker": 1}}
+             "scaling": {"num_workers": 1, "cpus_per_worker": LAYOUTS[layout][2]}}
+    stage["rollout"].update(LAYOUTS[layout][1])
     raw = {"name": f"bench-{int(time.time())}", "storage": str(storage), "tracking": {"backend": "none"},
            "ray": {"num_cpus": 4}, "stages": {"sft": {"data": "builtin:addition"}, "grpo": stage}}
     started = time.perf_counter()
-    artifact = run_pipeline(parse_spec(raw), only=["grpo"], inputs={"sft": model})["grpo"]
+    artifact = run_pipeline(parse_spec(raw), only=["grpo"], inputs={"base": model, "sft": model})["grpo"]
     wall = time.perf_counter() - started
     curves = artifact.manifest["curves"]
     iteration = [p["value"] for p in curves["iteration_seconds"]]
     samples = args.prompts * args.n
     steady = statistics.median(iteration[1:] or iteration)
+    phases = {k: round(statistics.median(p["value"] for p in curves[f"{k}_seconds"]), 4) for k in PHASES}
+    phases["other"] = round(max(0.0, steady - sum(phases.values())), 4)  # reporting, metric reduction, Python
     return {
+        "layout": LAYOUTS[layout][0],
         "samples_per_iteration": samples,
         "iteration_seconds": [round(s, 4) for s in iteration],
         "samples_per_s_steady": round(samples / steady, 2),
         "samples_per_s_end_to_end": round(samples * args.iterations / wall, 2),
         "stage_wall_seconds": round(wall, 1),
         "rollout_tokens_per_s_median": round(statistics.median(p["value"] for p in curves["rollout_tokens_per_s"]), 1),
-        "phase_seconds_median": {k: round(statistics.median(p["value"] for p in curves[f"{k}_seconds"]), 4)
-                                 for k in ("rollout", "experience", "training", "sync")},
-        "resources": "1 Ray Train worker (1 CPU, 1 thread) + 1 hf rollout-engine actor (1 CPU, 1 thread)",
+        "phase_seconds_median": phases,
+        "phase_share_of_iteration": {k: round(v / steady, 3) for k, v in phases.items()},
     }
 
 
@@ -161,14 +179,20 @@ def grpo_trl(model: str, out_dir: Path, args) -> dict:
         return [task.reward(by_text[p[-1]["content"]], c[0]["content"]) for p, c in zip(prompts, completions)]
 
     class StepTimer(TrainerCallback):
+        """Wall time between consecutive step ends (the first: from the first step's start), as rayalign's
+        ``iteration_seconds``: data loading, generation, the update and logging all count."""
+
         def __init__(self):
             self.times, self.last = [], None
 
         def on_step_begin(self, a, state, control, **kw):
-            self.last = time.perf_counter()
+            if self.last is None:
+                self.last = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            self.times.append(time.perf_counter() - self.last)
+            now = time.perf_counter()
+            self.times.append(now - self.last)
+            self.last = now
 
     config = GRPOConfig(
         output_dir=str(out_dir), max_steps=args.iterations, learning_rate=1e-5, lr_scheduler_type="constant",
@@ -194,6 +218,25 @@ def grpo_trl(model: str, out_dir: Path, args) -> dict:
     }
 
 
+def grpo_part(model: str, args) -> dict:
+    """TRL, each rayalign layout, TRL again (drift on a shared machine shows as the two TRL runs differing)."""
+    out: dict = {"trl_runs": [], "rayalign": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["trl_runs"].append(grpo_trl(model, Path(tmp) / "trl-1", args))
+        for layout in args.layouts.split(","):
+            out["rayalign"][layout] = grpo_rayalign(model, Path(tmp), args, layout)
+        out["trl_runs"].append(grpo_trl(model, Path(tmp) / "trl-2", args))
+    trl = {key: statistics.mean(r[key] for r in out["trl_runs"])
+           for key in ("samples_per_s_steady", "samples_per_s_end_to_end")}
+    out["trl_mean"] = {k: round(v, 2) for k, v in trl.items()}
+    out["ratio_rayalign_over_trl_steady"] = {
+        layout: round(r["samples_per_s_steady"] / trl["samples_per_s_steady"], 2) for layout, r in out["rayalign"].items()}
+    out["ratio_rayalign_over_trl_end_to_end"] = {
+        layout: round(r["samples_per_s_end_to_end"] / trl["samples_per_s_end_to_end"], 2)
+        for layout, r in out["rayalign"].items()}
+    return out
+
+
 def build_model(cache: Path) -> str:
     from stages.tiny_base import build_tiny_base
 
@@ -213,6 +256,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss), both sides")
     parser.add_argument("--trl-threads", type=int, default=2)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"rayalign's, of {', '.join(LAYOUTS)}")
+    parser.add_argument("--skip-engines", action="store_true", help="only part 2")
     parser.add_argument("--engines-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -222,15 +267,10 @@ def main() -> None:
     result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                                 "load_average_at_start": os.getloadavg()},
                     "settings": {k: v for k, v in vars(args).items() if k not in ("out", "engines_only")}}
-    result["engines"] = engines_part(model, args)
+    if not args.skip_engines:
+        result["engines"] = engines_part(model, args)
     if not args.engines_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            result["grpo"] = {"rayalign": grpo_rayalign(model, Path(tmp), args)}
-            result["grpo"]["trl"] = grpo_trl(model, Path(tmp) / "trl", args)
-        ray_s, trl_s = result["grpo"]["rayalign"], result["grpo"]["trl"]
-        result["grpo"]["ratio_rayalign_over_trl_steady"] = round(ray_s["samples_per_s_steady"] / trl_s["samples_per_s_steady"], 2)
-        result["grpo"]["ratio_rayalign_over_trl_end_to_end"] = round(
-            ray_s["samples_per_s_end_to_end"] / trl_s["samples_per_s_end_to_end"], 2)
+        result["grpo"] = grpo_part(model, args)
         result["machine"]["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -170,7 +170,7 @@ def ppo_actors(config) -> list[ResourceGroup]:
     """The rollout engines and, with a reward model in an actor, that actor (``config``: a PPOConfig)."""
     rollout, use_gpu = config.rollout, config.scaling.use_gpu
     tp = rollout.tensor_parallel_size
-    if rollout.colocate:
+    if rollout.colocate or rollout.engine == "trainer":  # trainer: its held-out engine, colocated
         share = rollout.gpus_per_engine or (COLOCATED_GPU_SHARE if use_gpu else 0.0)
         groups = [ResourceGroup(ROLLOUT, rollout.num_engines, 0.0, share, colocated=True)]
     else:

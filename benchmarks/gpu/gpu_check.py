@@ -105,7 +105,8 @@ def ppo_iteration(model_dir: Path, precision: str, run: dict, work: Path) -> dic
     """``train_ppo_worker`` standalone for one iteration with an hf engine in this process."""
     from stages.job import PPOJob, worker_arguments
     from stages.ppo.config import PPOConfig
-    from stages.ppo.worker import METRICS_FILE, train_ppo_worker
+    from stages.ppo.records import METRICS_FILE
+    from stages.ppo.worker import train_ppo_worker
     from stages.rollout.hf_engine import HFEngine
     from stages.sources import load_records
     from stages.train_session import device

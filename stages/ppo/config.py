@@ -17,12 +17,15 @@ from stages.tasks import TASKS
 class RolloutConfig(ConfigModel):
     """Where and how a PPO stage samples: rollout-engine Ray actors (``stages.rollout``)."""
 
-    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm where it imports, else hf.")
+    engine: Literal["auto", "hf", "vllm", "trainer"] = Field(
+        "auto", description="auto: vllm where it imports (see stages.rollout.resolve_engine_name), else hf. trainer: "
+        "HF generate on each training worker's own policy, in its process (stages.rollout.trainer_engine).")
     num_engines: int = Field(1, ge=1)
     cpus_per_engine: float = Field(1, ge=0)
     gpus_per_engine: float = Field(0, ge=0)
     colocate: bool = Field(
-        False, description="Share the training workers' GPUs (no bundle of their own; sleep during training)."
+        False, description="Share the training workers' devices (no bundle of their own): their GPUs (the engines "
+        "sleep during training) or, on CPU, their cores (an engine runs scaling.cpus_per_worker threads)."
     )
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs one vLLM engine spans; one placement bundle per rank (stages.resources)."
@@ -58,8 +61,8 @@ class RolloutConfig(ConfigModel):
         if given is not None and given != self.tensor_parallel_size:
             raise ValueError(f"engine_kwargs.tensor_parallel_size ({given}) differs from tensor_parallel_size "
                              f"({self.tensor_parallel_size}); set only tensor_parallel_size (it sizes the placement)")
-        if self.tensor_parallel_size > 1 and self.engine == "hf":
-            raise ValueError("tensor_parallel_size > 1 needs engine vllm (the hf engine runs on one device)")
+        if self.tensor_parallel_size > 1 and self.engine in ("hf", "trainer"):
+            raise ValueError(f"tensor_parallel_size > 1 needs engine vllm (the {self.engine} engine runs on one device)")
         if self.tensor_parallel_size > 1 and self.colocate:
             raise ValueError("tensor_parallel_size > 1 needs bundles of its own: it does not combine with colocate")
         return self
@@ -171,6 +174,9 @@ class PPOConfig(TrainingStageConfig):
             )
         if algo.advantage in ("grpo", "rloo") and self.rollout.n < 2:
             raise ValueError(f"algorithm.advantage {algo.advantage!r} compares samples of a prompt: set rollout.n >= 2")
+        if self.rollout.engine == "trainer" and self.deepspeed.zero_stage == 3:
+            raise ValueError("rollout.engine trainer generates with each worker's own replica of the policy, which "
+                             "ZeRO-3 shards over the workers: use deepspeed.zero_stage 2 (or none), or engine hf/vllm")
         if self.deepspeed.zero_stage == 3 and self.peft.method == "qlora":
             raise ValueError("qlora does not combine with ZeRO-3 here; use zero_stage 2 or none")
         if self.peft.method not in ("full", "lora", "qlora"):

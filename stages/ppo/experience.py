@@ -81,34 +81,52 @@ class Experience:
     """One worker's samples of one iteration, ready for the PPO epochs."""
 
     batch: Batch
-    old_logprobs: Tensor  # [B, T] policy that generated (recomputed by the trainer)
+    old_logprobs: Tensor | None  # [B, T] policy that generated (recomputed by the trainer); None: the update's own
     ref_logprobs: Tensor  # [B, T]
     values: Tensor | None  # [B, T] critic values at rollout time (None without a critic)
     scores: Tensor  # [B] sequence scores (after shaping)
     advantages: Tensor  # [B, T]
     returns: Tensor  # [B, T]
-    kl: Tensor  # [B, T] per-token KL(policy || ref) estimate at rollout time
+    kl: Tensor | None  # [B, T] per-token KL(policy || ref) estimate at rollout time (None with old_logprobs)
     engine_logprobs: Tensor  # [B, T] the engine's raw log-probs of the same tokens
     stats: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
-def forward_old(actor, critic: Critic, ref_model, batch: Batch, chunk: int, temperature: float):
-    """Old log-probs, reference log-probs and values, in chunks of ``chunk`` rows (no grad)."""
+def forward_old(actor, critic: Critic, ref_model, batch: Batch, chunk: int, temperature: float, policy: bool = True):
+    """Old log-probs, reference log-probs and values, in chunks of ``chunk`` rows (no grad).
+    ``policy=False``: no policy forward (old log-probs and entropy are None; see ``make_experience``)."""
     from stages.ppo.policy import reference_logits
 
     old, ref, values, entropy = [], [], [], []
     for start in range(0, batch.mask.shape[0], chunk):
         part = batch.rows(slice(start, start + chunk))
         args = (part.input_ids, part.attention_mask, part.position_ids, part.T)
-        logits, v = actor(*args, with_values=critic.shares_policy)
-        old.append(response_logprobs(logits, part, temperature))
-        entropy.append(entropy_per_token(logits / temperature) * part.mask)
+        v = None
+        if policy:
+            logits, v = actor(*args, with_values=critic.shares_policy)
+            old.append(response_logprobs(logits, part, temperature))
+            entropy.append(entropy_per_token(logits / temperature) * part.mask)
         ref.append(response_logprobs(reference_logits(actor, ref_model, *args), part, temperature))
         v = critic.values(v, args)
         if v is not None:
             values.append(v * part.mask)
-    return (torch.cat(old), torch.cat(ref), torch.cat(values) if values else None, torch.cat(entropy))
+    return (torch.cat(old) if old else None, torch.cat(ref), torch.cat(values) if values else None,
+            torch.cat(entropy) if entropy else None)
+
+
+def rollout_stats(old: Tensor, ref: Tensor, engine_logprobs: Tensor, mask: Tensor, estimator: str,
+                  temperature: float) -> dict:
+    """The KL to the reference and the engine-vs-trainer log-prob difference at rollout time."""
+    kl = compute_kl(old, ref, estimator, mask)
+    stats = {
+        "kl": float(kl.sum(-1).mean()),  # per-sequence KL(policy || ref), mean over samples
+        "kl_per_token": float(masked_mean(kl, mask)),
+    }
+    if temperature == 1.0:
+        # Engine vs trainer on the same weights: a weight-sync / numerics check (0 when in step).
+        stats["rollout_logprob_diff"] = float(masked_mean((engine_logprobs - old).abs(), mask))
+    return stats
 
 
 def shape_scores(scores: Tensor, finished: Tensor, algo: AlgorithmConfig) -> Tensor:
@@ -138,22 +156,25 @@ def advantages_for(algo: AlgorithmConfig, batch: Batch, scores: Tensor, kl: Tens
 
 def make_experience(actor, critic: Critic, ref_model, batch: Batch, engine_logprobs: Tensor, scores: Tensor,
                     finished: Tensor, algo: AlgorithmConfig, kl_coef: float, group_size: int, chunk: int,
-                    temperature: float) -> Experience:
-    old, ref, values, entropy = forward_old(actor, critic, ref_model, batch, chunk, temperature)
-    kl = compute_kl(old, ref, algo.kl_estimator, batch.mask)
-    shaped = shape_scores(scores, finished, algo)
-    advantages, returns, rewards = advantages_for(algo, batch, shaped, kl, kl_coef, values, group_size)
+                    temperature: float, old_from_update: bool = False) -> Experience:
+    """``old_from_update``: the iteration is one optimizer step over one micro-batch with the KL in the
+    loss, so the update's own forward sees the policy that generated: its detached log-probs are the old
+    ones (as TRL does with ``num_iterations=1``), this policy forward is skipped, and the update reports
+    the rollout-time stats (``rollout_stats``)."""
+    old, ref, values, entropy = forward_old(actor, critic, ref_model, batch, chunk, temperature,
+                                            policy=not old_from_update)
     mask = batch.mask
+    kl = None if old is None else compute_kl(old, ref, algo.kl_estimator, mask)
+    shaped = shape_scores(scores, finished, algo)
+    advantages, returns, rewards = advantages_for(algo, batch, shaped, torch.zeros_like(mask) if kl is None else kl,
+                                                  kl_coef, values, group_size)
     stats = {
-        "entropy": float(masked_mean(entropy, mask)),
-        "kl": float(kl.sum(-1).mean()),  # per-sequence KL(policy || ref), mean over samples
-        "kl_per_token": float(masked_mean(kl, mask)),
         "non_score_reward": float((rewards.sum(-1) - shaped).mean()),
         "advantage_mean": float(masked_mean(advantages, mask)),
         "advantage_std": float(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt()),
     }
-    if temperature == 1.0:
-        # Engine vs trainer on the same weights: a weight-sync / numerics check (0 when in step).
-        stats["rollout_logprob_diff"] = float(masked_mean((engine_logprobs - old).abs(), mask))
+    if old is not None:
+        stats["entropy"] = float(masked_mean(entropy, mask))
+        stats.update(rollout_stats(old, ref, engine_logprobs, mask, algo.kl_estimator, temperature))
     return Experience(batch=batch, old_logprobs=old, ref_logprobs=ref, values=values, scores=shaped,
                       advantages=advantages, returns=returns, kl=kl, engine_logprobs=engine_logprobs, stats=stats)

@@ -68,6 +68,8 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log(describe_run(config, iterations, engines))
         log = launcher.launch(ctx, config, train_ppo_worker, job, engines=engines.workers,
                               reward_actor=reward_actor)
+        if evaluation and engines.in_worker:  # the held-out engine still holds the starting policy
+            engines.group.update_weights(job.model_dir)
         after = evaluation.run(engines.group, weights=job.model_dir) if evaluation else {}
         if after:
             ctx.log(f"held-out accuracy of the trained policy: {after['accuracy']:.1%}")
@@ -95,7 +97,8 @@ def describe_run(config: PPOConfig, iterations: int, engines: RolloutEngines) ->
     critic = config.critic_config
     rewards = " + ".join(filter(None, [config.reward_fn, config.reward and f"model:{config.reward}"]))
     return (f"{config.algorithm.advantage} for {iterations} iteration(s): {config.rollout.prompts_per_step} prompts "
-            f"x {config.rollout.n} samples per iteration on {len(engines.workers)} {engines.engine_name} engine(s); "
+            f"x {config.rollout.n} samples per iteration on "
+            f"{config.scaling.num_workers if engines.in_worker else len(engines.workers)} {engines.engine_name} engine(s); "
             f"critic {critic.mode if critic else 'none'}; reward {rewards}")
 
 
@@ -132,6 +135,9 @@ class RolloutEngines:
         self.group = None
         self.placement_group = None
         self.engine_name = config.rollout.engine
+        # engine trainer: the workers generate with their own policy; the one actor here (hf) scores the held-out
+        # prompts before and after training.
+        self.in_worker = config.rollout.engine == "trainer"
         # What the engines and the reward-model actor ask Ray for (stages.resources): one plan for all.
         self.plan = stage_resources(config, ctx.name)
 
@@ -160,6 +166,10 @@ class RolloutEngines:
             on_gpu=on_gpu, max_new_tokens=rollout.max_new_tokens, colocate=rollout.colocate,
             longest_prompt_tokens=getattr(self, "_longest_prompt", None), tensor_parallel_size=tp,
             gpu_fraction=1.0 if rollout.colocate or tp > 1 else min(1.0, rollout.gpus_per_engine or 1.0)))
+        if rollout.colocate and not on_gpu:
+            # Rollout and training alternate on the same cores (as in one TRL process): the engine, which
+            # reserves no CPUs of its own, runs as many threads as a training worker (ppo_throughput.py).
+            kwargs["num_threads"] = max(1, int(self.config.scaling.cpus_per_worker))
         return {**kwargs, **rollout.engine_kwargs}
 
     def start(self) -> None:
@@ -176,12 +186,17 @@ class RolloutEngines:
         if engines.ranks > 1:  # vLLM's Ray executor places the ranks on the engine's bundles
             kwargs = {"tensor_parallel_size": engines.ranks, "distributed_executor_backend": "ray", **kwargs}
         self.workers = create_rollout_engines(
-            engines.count, rollout.engine, self.model_source, num_cpus=engines.cpus, num_gpus=engines.actor_gpus,
+            1 if self.in_worker else engines.count, "hf" if self.in_worker else rollout.engine, self.model_source,
+            num_cpus=engines.cpus, num_gpus=engines.actor_gpus,
             placement_group=self.placement_group if engines.bundles() else None, bundles_per_engine=engines.ranks,
             engine_kwargs=kwargs, env_vars=launcher.worker_env(self.ctx), ready_timeout_s=READY_TIMEOUT_S,
             max_restarts=rollout.max_restarts,
         )
         self.group = RolloutGroup(self.workers)
+        if self.in_worker:
+            self.ctx.log("trainer engine: each training worker generates with its own policy (HF generate); "
+                         "one colocated hf actor scores the held-out prompts")
+            return
         self.engine_name = self.group.info()[0]["engine"]
         if self.engine_name == "vllm" and self.config.peft.method != "full":
             from stages.rollout import validate_lora_for_vllm

@@ -10,7 +10,7 @@ Each iteration, on every worker, one function per step:
 4. :func:`update` -- ``ppo_epochs`` passes over shuffled mini-batches: PPO-clip + value loss + entropy
    bonus (+ k3 KL for grpo/rloo) under DeepSpeed ZeRO or DDP;
 5. :func:`sync` -- the policy to the engines (``stages.ppo.sync``);
-6. :func:`record` -- metrics reduced over ranks -> a JSONL file, TensorBoard, the progress line;
+6. :func:`record` (``stages.ppo.records``) -- metrics reduced over ranks -> a JSONL file, the tracker, the progress line;
 7. :func:`report` -- to Ray Train (``stages.train_session``), with a checkpoint every ``train.save_steps``.
 """
 
@@ -28,25 +28,21 @@ import torch
 from stages import train_session
 from stages.job import PPOJob
 from stages.launcher import TRAIN_LOG, WORKER_INFO
-from stages.log import progress, stage_log
+from stages.log import stage_log
 from stages.ppo import checkpoint as ckpt
 from stages.ppo.config import PPOConfig
 from stages.ppo.critic import Critic, build_critic, load_critic_model
-from stages.ppo.distributed import dist_info, reduce_metrics
-from stages.ppo.experience import Batch, Experience, make_experience, pack, response_logprobs
-from stages.ppo.policy import ActorCritic, is_peft
+from stages.ppo.distributed import dist_info
+from stages.ppo.experience import Batch, Experience, make_experience, pack, response_logprobs, rollout_stats
+from stages.ppo.policy import ActorCritic, causal_lm, is_peft
 from stages.ppo.prompts import PromptPlan, my_engines
 from stages.ppo.sync import save_policy, sync_weights
+from stages.ppo.records import load_history, record
 from stages.ppo.tracking import open_tracker
+from stages.rollout.trainer_engine import SHARED_MODULE, TRAINER_ENGINE, TrainerEngine
 from stages.ppo.trainee import Trainee, place_frozen, zero3_init
 from stages.rl import AdaptiveKLController, FixedKLController, aggregate_loss, entropy_from_logits, k3
-from stages.rl import explained_variance, ppo_policy_loss
-
-METRICS_FILE = "ppo_metrics.jsonl"
-# How each metric combines over ranks (mean where not named): token counts add, wall times take the slowest.
-REDUCE_OPS = {"rollout_tokens": "sum", "training_tokens": "sum", "samples": "sum", "rollout_seconds": "max",
-              "training_seconds": "max", "sync_seconds": "max", "experience_seconds": "max",
-              "iteration_seconds": "max"}
+from stages.rl import ppo_policy_loss
 
 
 @dataclass
@@ -96,17 +92,24 @@ def train_ppo_worker(args: dict) -> None:
 
     job, config, tokenizer = start_worker(args, PPOConfig, PPOJob)
     run = start_run(job, config, tokenizer, args)
+    last_end = time.perf_counter()
     for iteration in range(run.start, job.iterations):
-        started = time.perf_counter()
         results, seconds = rollout(run, iteration)
-        scores, finished, parts = score(run, iteration, results)
+        (scores, finished, parts), seconds["scoring"] = timed(score, run, iteration, results)
         exp, seconds["experience"] = experience(run, results, scores, finished)
         stats, seconds["training"] = update(run, exp, iteration)
         synced = sync(run, iteration + 1)
-        seconds["iteration"] = time.perf_counter() - started
-        metrics = record(run, iteration + 1, exp, scores, finished, parts, {**stats, **exp.stats}, seconds, synced)
+        # Wall time since the previous iteration ended: its reporting and checkpoint are counted too.
+        seconds["iteration"] = time.perf_counter() - last_end
+        metrics = record(run, iteration + 1, exp, scores, finished, parts, {**exp.stats, **stats}, seconds, synced)
         report(run, iteration + 1, metrics)
+        last_end = time.perf_counter()
     finish(run)
+
+
+def timed(fn, *args):
+    started = time.perf_counter()
+    return fn(*args), time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- setup
@@ -139,11 +142,15 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
     total_steps = optimizer_steps(config, job.iterations, plan.per_rank * config.rollout.n)
     policy_trainee = Trainee(actor, config.train.lr, config, job.precision, total_steps)
     algo = config.algorithm
+    if config.rollout.engine == TRAINER_ENGINE:  # every rank samples with its own replica (no actor, no sync)
+        engines = all_engines = engine_group([TrainerEngine(causal_lm(policy_trainee.module.policy), tokenizer)])
+    else:
+        engines, all_engines = engine_group(my_engines(args["engines"], rank, world)), engine_group(args["engines"])
     run = PPORun(
         job=job, config=config, rank=rank, world=world, tokenizer=tokenizer, actor=policy_trainee.module,
         ref_model=ref_model, policy=policy_trainee,
         critic=build_critic(config, critic_model, job.precision, total_steps), plan=plan,
-        engines=engine_group(my_engines(args["engines"], rank, world)), all_engines=engine_group(args["engines"]),
+        engines=engines, all_engines=all_engines,
         rewards=RewardSources(config.reward_fn, args.get("reward_actor") or job.reward_model_dir),
         kl_ctl=(AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target
                 else FixedKLController(algo.kl_coef)),
@@ -231,8 +238,19 @@ def experience(run: PPORun, results: list, scores: torch.Tensor, finished: torch
     config = run.config
     exp = make_experience(run.actor, run.critic, run.ref_model, batch, engine_logprobs, scores, finished,
                           config.algorithm, run.kl_ctl.value, config.rollout.n,
-                          chunk=max(config.train.batch_size, 16), temperature=config.rollout.temperature)
+                          chunk=max(config.train.batch_size, 16), temperature=config.rollout.temperature,
+                          old_from_update=old_logprobs_from_update(run))
     return exp, time.perf_counter() - started
+
+
+def old_logprobs_from_update(run: PPORun) -> bool:
+    """Whether the update's own forward can give the old log-probs (``make_experience``): one epoch over
+    one micro-batch is one optimizer step on the policy that generated, no value head needs this
+    iteration's policy forward, and no KL goes into the rewards before the update."""
+    config, algo = run.config, run.config.algorithm
+    kl_free_rewards = algo.kl_placement == "loss" or (algo.kl_coef == 0 and algo.kl_target is None)
+    return (algo.ppo_epochs == 1 and run.samples_per_rank <= config.train.batch_size
+            and not run.critic.shares_policy and kl_free_rewards)
 
 
 def update(run: PPORun, exp: Experience, iteration: int) -> tuple[dict, float]:
@@ -250,13 +268,16 @@ def sync(run: PPORun, step: int) -> dict:
     was restarted meanwhile; then verified (``rollout.verify_sync``)."""
     from stages.rollout.base import EngineRestarted
 
+    if run.config.rollout.engine == TRAINER_ENGINE:  # the engine generates with the trained parameters themselves
+        return {"sync_seconds": 0.0, "sync_method": SHARED_MODULE}
     if run.config.rollout.colocate and run.rank == 0:
         run.all_engines.wake()
     engines = run.all_engines if run.rank == 0 else None
     for attempt in range(2):
         try:
             synced = sync_weights(run.actor, engines, run.work_dir, step, run.config.rollout.sync)
-            return {**synced, **verify_sync(run, step)}
+            verified, seconds = timed(verify_sync, run, step)
+            return {**synced, **verified, "verify_seconds": seconds}
         except EngineRestarted as exc:  # raised on every rank together (see sync_weights, verify_sync)
             if attempt:
                 raise
@@ -275,7 +296,7 @@ def verify_sync(run: PPORun, step: int) -> dict:
     from stages.rollout.base import EngineRestarted
 
     rollout_config = run.config.rollout
-    if rollout_config.verify_sync == "off":
+    if rollout_config.verify_sync == "off" or rollout_config.engine == TRAINER_ENGINE:  # trainer: nothing was copied
         return {}
     if run.probe is None:
         from stages.chat_templates import conversation_ids
@@ -358,10 +379,15 @@ def minibatch_step(exp: Experience, idx: torch.Tensor, policy: Trainee, critic: 
     forward_args = (part.input_ids, part.attention_mask, part.position_ids, part.T)
     logits, values = policy.forward(*forward_args, with_values=critic.shares_policy)
     logp = response_logprobs(logits, part, temperature)
-    loss, stats = ppo_policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], mask, clip_eps=algo.clip_eps,
+    on_policy = exp.old_logprobs is None  # this forward is the rollout-time policy's (old_logprobs_from_update)
+    old = logp.detach() if on_policy else exp.old_logprobs[idx]
+    loss, stats = ppo_policy_loss(logp, old, exp.advantages[idx], mask, clip_eps=algo.clip_eps,
                                   clip_eps_high=algo.clip_eps_high, loss_agg=algo.loss_agg)
     # The entropy bonus needs its gradient only when it is in the loss.
     entropy = entropy_from_logits((logits if algo.entropy_coef else logits.detach()) / temperature, mask)
+    if on_policy:
+        stats.update(rollout_stats(old, exp.ref_logprobs[idx], exp.engine_logprobs[idx], mask, algo.kl_estimator,
+                                   temperature), entropy=entropy.detach())
     if algo.entropy_coef:
         loss = loss - algo.entropy_coef * entropy
     if algo.kl_placement == "loss" and kl_coef:
@@ -382,61 +408,21 @@ def minibatch_step(exp: Experience, idx: torch.Tensor, policy: Trainee, critic: 
 # --------------------------------------------------------------------------- records
 
 
-def record(run: PPORun, step: int, exp: Experience, scores: torch.Tensor, finished: torch.Tensor, parts: dict,
-           stats: dict, seconds: dict[str, float], synced: dict) -> dict:
-    """The iteration's metrics, reduced over ranks; rank 0 appends them to the history, the JSONL file,
-    TensorBoard and the log; the adaptive KL controller sees the measured KL."""
-    mask = exp.batch.mask
-    local = {
-        "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        "score_mean": float(exp.scores.mean()), "response_length": float(mask.sum(-1).mean()),
-        "finished_fraction": float(finished.float().mean()), "kl_coef": float(run.kl_ctl.value),
-        "rollout_tokens": float(mask.sum()), "rollout_seconds": seconds["rollout"],
-        "training_tokens": float(exp.batch.attention_mask.sum()) * run.config.algorithm.ppo_epochs,
-        "training_seconds": seconds["training"], "experience_seconds": seconds["experience"],
-        "sync_seconds": synced["sync_seconds"], "lr": run.policy.lr, "iteration_seconds": seconds["iteration"],
-        "samples": float(mask.shape[0]), "engine_restarts": float(run.engine_restarts),
-        **({"sync_probe_diff": synced["sync_probe_diff"]} if "sync_probe_diff" in synced else {}),
-        **{f"reward_{name}_mean": sum(v) / len(v) for name, v in parts.items() if len(parts) > 1},
-        **stats,
-    }
-    if exp.values is not None:
-        local["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
-    metrics = {k: v for k, v in reduce_metrics(local, REDUCE_OPS, run.device).items() if not math.isnan(v)}
-    metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(metrics["rollout_seconds"], 1e-9)
-    # (not "train_*": curves_from_history drops those names, they are the HF Trainer's summary keys)
-    metrics["training_tokens_per_s"] = metrics["training_tokens"] / max(metrics["training_seconds"], 1e-9)
-    metrics["samples_per_s"] = metrics["samples"] / max(metrics["iteration_seconds"], 1e-9)
-    run.kl_ctl.update(metrics["kl"], n_steps=run.samples_per_rank * run.world)
-    metrics["step"] = step
-    entry = {**metrics, "sync_method": synced.get("sync_method", "")}
-    if run.rank == 0:
-        write_records(run, step, entry)
-    return entry
-
-
-def write_records(run: PPORun, step: int, entry: dict) -> None:
-    run.history.append(entry)
-    append_metrics(run.work_dir, entry)
-    if run.writer is not None:  # stages.ppo.tracking: numbers only, under ppo/
-        run.writer.log(entry, step)
-    if step % run.config.train.logging_steps == 0 or step == run.job.iterations or step == run.start + 1:
-        value_loss = f"value_loss {entry['value_loss']:.4f} " if "value_loss" in entry else ""
-        stage_log(run.job.stage, f"iteration {progress(step, run.job.iterations)} reward {entry['reward_mean']:.3f} "
-                  f"kl {entry['kl']:.4f} entropy {entry['entropy']:.3f} {value_loss}"
-                  f"rollout {entry['rollout_tokens_per_s']:.0f} tok/s sync {entry['sync_seconds']:.2f}s "
-                  f"({entry['sync_method']})", run.started)
-
-
 def report(run: PPORun, step: int, entry: dict) -> None:
-    """Report the iteration to Ray Train, with a checkpoint every ``train.save_steps`` (not at the end)."""
-    save_steps = run.config.train.save_steps
+    """Report to Ray Train with a checkpoint every ``train.save_steps`` (not at the end), and metrics alone
+    every ``train.logging_steps`` and at the last iteration.
+
+    Not every iteration: Ray Train v2 holds one report per worker until its controller polls, every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s), so reporting each 0.3 s iteration made it take ~2 s
+    (benchmarks/ppo_throughput.py). Every rank reports at the same steps, as Ray Train requires.
+    """
+    save_steps, logging_steps = run.config.train.save_steps, run.config.train.logging_steps
     if save_steps and step % save_steps == 0 and step < run.job.iterations:
         trainees = {"policy": run.policy, **run.critic.trainees()}
         folder = ckpt.save(run.work_dir, step, trainees, {"kl_coef": float(run.kl_ctl.value)}, run.rank)
         # One rank reports the shared folder, once (ckpt.save ended on a barrier: every shard is written).
         train_session.report(entry, checkpoint_dir=folder if run.rank == 0 else None)
-    else:
+    elif step % logging_steps == 0 or step == run.job.iterations:
         train_session.report(entry)
 
 
@@ -469,19 +455,3 @@ def finish(run: PPORun) -> None:
     (run.work_dir / WORKER_INFO).write_text(json.dumps(info))
     (run.work_dir / TRAIN_LOG).write_text(json.dumps(log, default=float))
     shutil.rmtree(run.work_dir / "sync", ignore_errors=True)
-
-
-def load_history(work_dir: Path, start: int) -> list[dict]:
-    """The metrics of iterations up to ``start`` (a resumed run continues the curves); the file is rewritten."""
-    path = work_dir / METRICS_FILE
-    history = []
-    if path.exists() and start > 0:
-        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        history = [h for h in history if h.get("step", 0) <= start]
-    path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    return history
-
-
-def append_metrics(work_dir: Path, entry: dict) -> None:
-    with open(work_dir / METRICS_FILE, "a") as handle:
-        handle.write(json.dumps(entry) + "\n")

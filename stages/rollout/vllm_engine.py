@@ -232,6 +232,7 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool = False,
         add_special_tokens: bool = True,
         kv_cache_gib: int = 1,
+        num_threads: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
         """``max_lora_rank``: one of vLLM's allowed ranks; when omitted with ``enable_lora`` it is
@@ -243,7 +244,8 @@ class VLLMEngine(RolloutEngine):
         ``"auto"`` (the model's own). GPU settings (memory share, ``max_model_len``, sleep mode, TP):
         ``stages.rollout.vllm_settings``. ``enforce_eager``: None is True on CPU (the engine started in 26 s
         instead of 42 s without torch.compile, and generated as fast on the tiny model) and False on GPU
-        (CUDA graphs). ``llm_kwargs`` go to ``vllm.LLM``."""
+        (CUDA graphs). ``num_threads``: accepted for the engines' common signature and unused (the CPU build binds its
+        own OpenMP threads, ``VLLM_CPU_OMP_THREADS_BIND``). ``llm_kwargs`` go to ``vllm.LLM``."""
         import vllm
         from vllm.platforms import current_platform
 

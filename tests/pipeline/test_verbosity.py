@@ -38,7 +38,11 @@ def test_progress_bars_only_when_verbose(mode, tiny_base, tmp_path):
     assert bars == ([] if mode == "quiet" else ["Loading weights", "Writing model shards"]), result.stderr[-2000:]
     assert "[rayalign] sft: step 1/1 loss 0.5" in result.stderr
     assert "[rayalign] sft: step 3/8 [########------------] 38%" in result.stderr
-    assert ("gemm_4bit_forward" in result.stderr) == (mode == "verbose"), result.stderr[-2000:]
+    from bitsandbytes.functional import has_avx512bf16
+
+    # bitsandbytes warns about its missing optional kernel only on CPUs with AVX512-BF16.
+    warns = mode == "verbose" and has_avx512bf16()
+    assert ("gemm_4bit_forward" in result.stderr) == warns, result.stderr[-2000:]
 
 
 def test_verbose_flag_before_or_after_the_command():

@@ -48,7 +48,7 @@ def tensors_of(obj, prefix: str = ""):
             yield from tensors_of(getattr(obj, name), f"{prefix}.{name}")
 
 
-def ppo_run_on(device, tiny_base, peft: dict, algorithm: dict, critic: dict | None):
+def ppo_run_on(device, tiny_base, peft: dict, algorithm: dict, critic: dict | None, batch_size: int = 4):
     """A PPORun as ``start_run`` builds it (no Ray: no engines, standalone worker), models on ``device``."""
     from stages.job import PPOJob
     from stages.models import load_tokenizer
@@ -65,7 +65,7 @@ def ppo_run_on(device, tiny_base, peft: dict, algorithm: dict, critic: dict | No
     config = PPOConfig.model_validate({
         "kind": "ppo", "from": "base", "prompts": "builtin:addition", "reward_fn": "addition", "peft": peft,
         "algorithm": algorithm, "critic": critic, "rollout": {"n": 2, "prompts_per_step": 4, "max_new_tokens": 4},
-        "train": {"batch_size": 4, "max_steps": 1}})
+        "train": {"batch_size": batch_size, "max_steps": 1}})
     tokenizer = load_tokenizer(tiny_base)
     policy = load_policy(str(tiny_base), config.peft, "fp32")
     actor = ActorCritic(policy, value_head=config.critic_config.mode == "shared" if config.critic_config else False)
@@ -102,15 +102,17 @@ def rollouts_for(run) -> list:
     return out
 
 
-@pytest.mark.parametrize("peft, algorithm, critic", [
-    ({"method": "full"}, {"advantage": "gae"}, {"mode": "shared"}),        # frozen reference copy, value head
-    ({"method": "lora", "r": 4}, {"advantage": "gae"}, {"mode": "separate"}),  # adapter-disabled reference
-    ({"method": "lora", "r": 4}, {"advantage": "grpo"}, None),              # critic-free, KL in the loss
-], ids=["full-shared", "lora-separate", "lora-grpo"])
-def test_one_iteration_keeps_every_tensor_on_the_models_device(tiny_base, peft, algorithm, critic):
-    from stages.ppo.worker import experience, record, score, update
+@pytest.mark.parametrize("peft, algorithm, critic, batch_size", [
+    ({"method": "full"}, {"advantage": "gae"}, {"mode": "shared"}, 4),        # frozen reference copy, value head
+    ({"method": "lora", "r": 4}, {"advantage": "gae"}, {"mode": "separate"}, 4),  # adapter-disabled reference
+    ({"method": "lora", "r": 4}, {"advantage": "grpo"}, None, 4),              # critic-free, KL in the loss
+    ({"method": "full"}, {"advantage": "grpo"}, None, 8),  # one step: old log-probs from the update's forward
+], ids=["full-shared", "lora-separate", "lora-grpo", "full-grpo-one-step"])
+def test_one_iteration_keeps_every_tensor_on_the_models_device(tiny_base, peft, algorithm, critic, batch_size):
+    from stages.ppo.records import record
+    from stages.ppo.worker import experience, score, update
 
-    run = ppo_run_on(META, tiny_base, peft, algorithm, critic)
+    run = ppo_run_on(META, tiny_base, peft, algorithm, critic, batch_size)
     assert run.device == META
     if run.ref_model is not None:
         assert {p.device for p in run.ref_model.parameters()} == {META}
@@ -125,7 +127,7 @@ def test_one_iteration_keeps_every_tensor_on_the_models_device(tiny_base, peft, 
         exp, seconds = experience(run, results, scores, finished)
         stats, _ = update(run, exp, 0)
         metrics = record(run, 1, exp, scores, finished, parts, {**stats, **exp.stats},
-                         {"rollout": 0.1, "experience": seconds, "training": 0.1, "iteration": 0.3},
+                         {"rollout": 0.1, "scoring": 0.0, "experience": seconds, "training": 0.1, "iteration": 0.3},
                          {"sync_seconds": 0.0})
     on_host = [name for name, t in tensors_of(exp, "exp") if t.device != META]
     assert not on_host, f"left on the host: {on_host}"
@@ -138,7 +140,8 @@ def test_one_iteration_keeps_every_tensor_on_the_models_device(tiny_base, peft, 
 
 def test_the_same_iteration_on_the_host_is_finite(tiny_base):
     """The control: the same code on the CPU gives real, finite numbers (so the meta run skipped nothing)."""
-    from stages.ppo.worker import experience, record, score, update
+    from stages.ppo.records import record
+    from stages.ppo.worker import experience, score, update
 
     run = ppo_run_on(torch.device("cpu"), tiny_base, {"method": "full"}, {"advantage": "gae"}, {"mode": "shared"})
     results = rollouts_for(run)
@@ -146,8 +149,37 @@ def test_the_same_iteration_on_the_host_is_finite(tiny_base):
     exp, seconds = experience(run, results, scores, finished)
     stats, _ = update(run, exp, 0)
     metrics = record(run, 1, exp, scores, finished, parts, {**stats, **exp.stats},
-                     {"rollout": 0.1, "experience": seconds, "training": 0.1, "iteration": 0.3}, {"sync_seconds": 0.0})
+                     {"rollout": 0.1, "scoring": 0.0, "experience": seconds, "training": 0.1, "iteration": 0.3}, {"sync_seconds": 0.0})
     assert all(torch.isfinite(t).all() for _, t in tensors_of(exp) if t.is_floating_point())
     # The hand-made responses carry logprobs -1 while the tiny model's are far lower: a large but finite gap.
     assert 0.1 < metrics["rollout_logprob_diff"] < 50
     assert metrics["finished_fraction"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("peft", [{"method": "full"}, {"method": "lora", "r": 4}], ids=["full", "lora"])
+def test_one_step_iterations_take_the_old_log_probs_from_the_update_with_the_same_result(tiny_base, peft, monkeypatch):
+    """One epoch over one micro-batch (8 samples, batch_size 8), KL in the loss: the experience skips its policy
+    forward, and the update, the KL, the entropy and the engine difference come out as with that forward."""
+    import stages.ppo.worker as worker
+
+    def one_iteration(old_from_update: bool):
+        torch.manual_seed(0)
+        run = ppo_run_on(torch.device("cpu"), tiny_base, peft, {"advantage": "grpo", "ppo_epochs": 1}, None,
+                         batch_size=8)
+        assert worker.old_logprobs_from_update(run)
+        monkeypatch.setattr(worker, "old_logprobs_from_update", lambda run: old_from_update)
+        results = rollouts_for(run)
+        scores, finished, _ = worker.score(run, 0, results)
+        exp, _ = worker.experience(run, results, scores, finished)
+        assert (exp.old_logprobs is None) == old_from_update
+        stats, _ = worker.update(run, exp, 0)
+        trained = {n: p.detach().clone() for n, p in run.actor.named_parameters() if p.requires_grad}
+        return {**exp.stats, **stats}, trained
+
+    shortcut, shortcut_params = one_iteration(True)
+    control, control_params = one_iteration(False)
+    moved = max((shortcut_params[n] - p).abs().max().item() for n, p in control_params.items())
+    assert moved < 1e-6, moved
+    assert shortcut["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    for name in ("kl", "kl_per_token", "entropy", "rollout_logprob_diff", "policy_loss", "loss"):
+        assert shortcut[name] == pytest.approx(control[name], rel=1e-5, abs=1e-6), name

@@ -289,6 +289,9 @@ def rl_runs(ray_cluster, tiny_base, addition_sft, reward_model, tmp_path_factory
 
 
 KL_TARGET = 1.0
+# rollout.engine trainer, GRPO, one optimizer step per iteration (2 workers, 128 samples each): held-out 0.52 -> 0.88
+# (+0.36) after 10 iterations, train.seed 0.
+TRAINER_LR, TRAINER_HELDOUT_GAIN = 3e-4, 0.2
 
 
 def curve(artifact, name: str) -> list[float]:
@@ -413,6 +416,40 @@ def held_out_reward_score(policy: Path, reward_model: Path, prompts: int = 200) 
         [[m.to_dict() for m in e.prompt] + [{"role": "assistant", "content": a.response_text}]
          for e, a in zip(examples, answers)])
     return sum(scores) / len(scores)
+
+
+def test_trainer_engine_rejects_zero3_before_anything_starts(tmp_path):
+    raw = spec_raw(tmp_path, {"ppo": ppo_stage(rollout={"engine": "trainer"}, deepspeed={"zero_stage": 3})})
+    with pytest.raises(SpecError, match=r"stages\.ppo: .*rollout\.engine trainer generates with each worker's own "
+                                        r"replica of the policy, which ZeRO-3 shards"):
+        parse_spec(raw)
+
+
+TRAINER_ITERS = 10
+
+
+@pytest.mark.slow
+def test_trainer_engine_grpo_generates_in_each_worker_and_learns(ray_cluster, addition_sft, tmp_path):
+    """rollout.engine trainer on 2 ZeRO-2 workers: each samples with its own replica, nothing is synced, and a
+    one-step iteration (every sample in one micro-batch) takes its old log-probs from the update's forward."""
+    from pipeline.runner import run_pipeline
+
+    rollout = {"engine": "trainer", "prompts_per_step": 64, "n": 4}
+    stage = ppo_stage(peft={"method": "full"}, rollout=rollout, deepspeed={"zero_stage": 2},
+                      algorithm={"advantage": "grpo", "ppo_epochs": 1},
+                      scaling={"num_workers": 2, "cpus_per_worker": 1},
+                      train={"max_steps": TRAINER_ITERS, "lr": TRAINER_LR, "batch_size": 128, "logging_steps": 5})
+    run = run_pipeline(parse_spec(spec_raw(tmp_path, {"grpo": stage})), only=["grpo"],
+                       inputs={"sft": str(addition_sft)})["grpo"]
+    m = run.manifest["metrics"]
+    assert run.manifest["rollout_engine"] == "trainer" and run.manifest["sync_method"] == "shared_module"
+    assert {p["value"] for p in run.manifest["curves"]["sync_seconds"]} == {0.0}
+    # The engine is the trained module: the sampled tokens' log-probs are the trainer's (fp32, KV cache vs not).
+    assert max(curve(run, "rollout_logprob_diff")) < 1e-4
+    # Old log-probs from the update's own forward: the PPO ratio is exactly 1 in a one-step iteration.
+    assert all(abs(r - 1.0) < 1e-6 for r in curve(run, "ratio_mean"))
+    assert len(curve(run, "kl")) == TRAINER_ITERS and len(curve(run, "entropy")) == TRAINER_ITERS
+    assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + TRAINER_HELDOUT_GAIN, m
 
 
 # --------------------------------------------------------------------------- kill and resume

@@ -18,7 +18,8 @@ def run_standalone(model_dir: Path, work: Path, peft: dict, iterations: int = 3,
     """``train_ppo_worker`` for ``iterations`` iterations with one in-process hf engine; its metric records."""
     from stages.job import PPOJob, worker_arguments
     from stages.ppo.config import PPOConfig
-    from stages.ppo.worker import METRICS_FILE, train_ppo_worker
+    from stages.ppo.records import METRICS_FILE
+    from stages.ppo.worker import train_ppo_worker
     from stages.rollout.hf_engine import HFEngine
     from stages.sources import load_records
 

@@ -1,5 +1,5 @@
 """The PPO worker's metrics tracker (``stages.ppo.tracking``): each backend whose package is installed
-logs a few steps that are read back with that backend's own reader; the worker's ``write_records``
+logs a few steps that are read back with that backend's own reader; ``stages.ppo.records.write_records``
 writes through it. No Ray, no model."""
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def test_missing_package_names_the_setting_and_the_extra(tmp_path, monkeypatch, 
 def test_worker_write_records_logs_through_the_tracker(tmp_path):
     """``write_records`` (rank 0's per-iteration record) on a PPORun holding only what it reads."""
     from stages.ppo.config import PPOConfig
-    from stages.ppo.worker import METRICS_FILE, PPORun, write_records
+    from stages.ppo.records import METRICS_FILE, write_records
+    from stages.ppo.worker import PPORun
 
     config = PPOConfig.model_validate({"kind": "ppo", "from": "base", "prompts": "builtin:addition",
                                        "reward_fn": "addition", "train": {"max_steps": 2, "logging_steps": 1}})
