@@ -70,6 +70,12 @@ def ensure_ray(spec: PipelineSpec) -> None:
     link_ray_logs(spec.run_root())
 
 
+def cluster_address(spec: PipelineSpec) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (as Ray's own tools read it); None means
+    a private local instance."""
+    return spec.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def start_ray(spec: PipelineSpec) -> None:
     import ray
 
@@ -77,13 +83,18 @@ def start_ray(spec: PipelineSpec) -> None:
         os.environ.setdefault(key, value)
     # Ray's own start-up lines stay (where it started or which cluster it joined); its executor's don't.
     kwargs: dict = {"namespace": spec.ray.namespace, "log_to_driver": True}
-    if spec.ray.address:
-        kwargs["address"] = spec.ray.address
+    address = cluster_address(spec)
+    if address:
+        kwargs["address"] = address
         # Code and environment travel with the job when joining an existing cluster.
         passed = [*DRIVER_ENV, *(k for k in QUIET_ENV if k in os.environ)]
         kwargs["runtime_env"] = {"env_vars": {k: os.environ[k] for k in passed}}
     else:
-        kwargs.update(num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus)
+        # address="local": always a new private instance, never a cluster that `ray start` left on this
+        # machine (a plain ray.init() joins the one its bootstrap file names, and refuses num_cpus there).
+        # No dashboard: nothing here reads it (`rayalign submit` talks to a cluster's own).
+        kwargs.update(address="local", num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus,
+                      include_dashboard=False)
     ray.init(**kwargs)
     if not is_verbose():
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the executor's per-dataset lines
@@ -115,7 +126,7 @@ def stage_connector(spec: PipelineSpec, resources: StageResources | None) -> Cal
     def connect() -> None:
         ensure_ray(spec)
         if resources is not None and resources.uses_ray and spec.ray.check_resources and not checked:
-            check_cluster_fits(resources, JOINED_CLUSTER_WAIT_S if spec.ray.address else 0.0)
+            check_cluster_fits(resources, JOINED_CLUSTER_WAIT_S if cluster_address(spec) else 0.0)
             checked.append(True)
 
     return connect

@@ -41,7 +41,8 @@ class SpecError(ValueError):
 
 
 class RayConfig(ConfigModel):
-    address: str | None = Field(None, description="Ray cluster address; absent starts a local Ray instance.")
+    address: str | None = Field(None, description="Ray cluster address to join; absent: RAY_ADDRESS when set, else "
+                                "a new private local Ray instance (no dashboard).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray instance (default: all).")
     namespace: str = "rayalign"

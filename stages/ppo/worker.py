@@ -36,13 +36,13 @@ from stages.ppo.distributed import dist_info
 from stages.ppo.experience import Batch, Experience, make_experience, pack, response_logprobs, rollout_stats
 from stages.ppo.policy import ActorCritic, causal_lm, is_peft
 from stages.ppo.prompts import PromptPlan, my_engines
-from stages.ppo.sync import save_policy, sync_weights
 from stages.ppo.records import load_history, record
+from stages.ppo.sync import save_policy, sync_weights
 from stages.ppo.tracking import open_tracker
-from stages.rollout.trainer_engine import SHARED_MODULE, TRAINER_ENGINE, TrainerEngine
 from stages.ppo.trainee import Trainee, place_frozen, zero3_init
 from stages.rl import AdaptiveKLController, FixedKLController, aggregate_loss, entropy_from_logits, k3
 from stages.rl import ppo_policy_loss
+from stages.rollout.trainer_engine import SHARED_MODULE, TRAINER_ENGINE, TrainerEngine
 
 
 @dataclass
