@@ -124,6 +124,39 @@ LAYOUTS = {
 }
 
 
+def grpo_standalone(model: str, storage: Path, args) -> dict:
+    """The same loop (``train_ppo_worker``, engine trainer) in this process, without Ray or Ray Train: what
+    the loop costs apart from the Ray Train worker it normally runs in."""
+    from stages.job import PPOJob, worker_arguments
+    from stages.ppo.config import PPOConfig
+    from stages.ppo.records import METRICS_FILE
+    from stages.ppo.worker import train_ppo_worker
+    from stages.sources import load_records
+
+    storage.mkdir(parents=True, exist_ok=True)
+    prompts = storage / "prompts.jsonl"
+    records = load_records("builtin:addition/train", "prompt").records
+    prompts.write_text("".join(json.dumps(r.to_trl()) + "\n" for r in records))
+    config = PPOConfig.model_validate({
+        "kind": "ppo", "from": "base", "prompts": "builtin:addition", "reward_fn": "addition", "peft": {"method": "full"},
+        "algorithm": {"advantage": "grpo", "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3"},
+        "rollout": {"engine": "trainer", "n": args.n, "prompts_per_step": args.prompts,
+                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
+        "train": {"max_steps": args.iterations, "lr": 1e-5, "batch_size": args.prompts * args.n,
+                  "logging_steps": args.iterations, "lr_schedule": "constant"}})
+    job = PPOJob(stage="grpo", work_dir=str(storage), model_dir=str(storage / "model"), model_source=model,
+                 precision="fp32", threads=2, report_to="none", train_file=str(prompts), iterations=args.iterations,
+                 critic_source=model)
+    train_ppo_worker(worker_arguments(job, config, engines=[]))
+    rows = [json.loads(line) for line in (storage / METRICS_FILE).read_text().splitlines()]
+    steady = statistics.median(r["iteration_seconds"] for r in rows[1:])
+    return {"layout": "train_ppo_worker in this process (no Ray), engine trainer, 2 threads",
+            "iteration_seconds": [round(r["iteration_seconds"], 4) for r in rows],
+            "samples_per_s_steady": round(args.prompts * args.n / steady, 2),
+            "phase_seconds_median": {k: round(statistics.median(r[f"{k}_seconds"] for r in rows[1:]), 4)
+                                     for k in PHASES}}
+
+
 def grpo_rayalign(model: str, storage: Path, args, layout: str) -> dict:
     from pipeline.runner import run_pipeline
     from pipeline.spec import parse_spec
@@ -224,7 +257,10 @@ def grpo_part(model: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out["trl_runs"].append(grpo_trl(model, Path(tmp) / "trl-1", args))
         for layout in args.layouts.split(","):
-            out["rayalign"][layout] = grpo_rayalign(model, Path(tmp), args, layout)
+            if layout == "standalone":
+                out["rayalign"][layout] = grpo_standalone(model, Path(tmp) / "standalone", args)
+            else:
+                out["rayalign"][layout] = grpo_rayalign(model, Path(tmp), args, layout)
         out["trl_runs"].append(grpo_trl(model, Path(tmp) / "trl-2", args))
     trl = {key: statistics.mean(r[key] for r in out["trl_runs"])
            for key in ("samples_per_s_steady", "samples_per_s_end_to_end")}
@@ -233,7 +269,7 @@ def grpo_part(model: str, args) -> dict:
         layout: round(r["samples_per_s_steady"] / trl["samples_per_s_steady"], 2) for layout, r in out["rayalign"].items()}
     out["ratio_rayalign_over_trl_end_to_end"] = {
         layout: round(r["samples_per_s_end_to_end"] / trl["samples_per_s_end_to_end"], 2)
-        for layout, r in out["rayalign"].items()}
+        for layout, r in out["rayalign"].items() if "samples_per_s_end_to_end" in r}
     return out
 
 
@@ -256,7 +292,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss), both sides")
     parser.add_argument("--trl-threads", type=int, default=2)
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"rayalign's, of {', '.join(LAYOUTS)}")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"rayalign's, of {', '.join(LAYOUTS)} and standalone (the loop without Ray)")
     parser.add_argument("--skip-engines", action="store_true", help="only part 2")
     parser.add_argument("--engines-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
