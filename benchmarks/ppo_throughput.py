@@ -124,6 +124,17 @@ LAYOUTS = {
 }
 
 
+def grpo_stage(args, rollout: dict) -> dict:
+    """The GRPO stage every rayalign layout runs (``rollout``: where its rollouts come from)."""
+    return {"kind": "ppo", "from": "sft", "prompts": "builtin:addition", "reward_fn": "addition",
+            "peft": {"method": "full"},
+            "algorithm": {"advantage": "grpo", "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3"},
+            "rollout": {"n": args.n, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
+                        "temperature": 1.0, **rollout},
+            "train": {"max_steps": args.iterations, "lr": 1e-5, "batch_size": args.prompts * args.n,
+                      "logging_steps": args.iterations, "lr_schedule": "constant"}}
+
+
 def grpo_standalone(model: str, storage: Path, args) -> dict:
     """The same loop (``train_ppo_worker``, engine trainer) in this process, without Ray or Ray Train: what
     the loop costs apart from the Ray Train worker it normally runs in."""
@@ -137,13 +148,7 @@ def grpo_standalone(model: str, storage: Path, args) -> dict:
     prompts = storage / "prompts.jsonl"
     records = load_records("builtin:addition/train", "prompt").records
     prompts.write_text("".join(json.dumps(r.to_trl()) + "\n" for r in records))
-    config = PPOConfig.model_validate({
-        "kind": "ppo", "from": "base", "prompts": "builtin:addition", "reward_fn": "addition", "peft": {"method": "full"},
-        "algorithm": {"advantage": "grpo", "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3"},
-        "rollout": {"engine": "trainer", "n": args.n, "prompts_per_step": args.prompts,
-                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
-        "train": {"max_steps": args.iterations, "lr": 1e-5, "batch_size": args.prompts * args.n,
-                  "logging_steps": args.iterations, "lr_schedule": "constant"}})
+    config = PPOConfig.model_validate(grpo_stage(args, {"engine": "trainer"}))
     job = PPOJob(stage="grpo", work_dir=str(storage), model_dir=str(storage / "model"), model_source=model,
                  precision="fp32", threads=2, report_to="none", train_file=str(prompts), iterations=args.iterations,
                  critic_source=model)
@@ -161,15 +166,8 @@ def grpo_rayalign(model: str, storage: Path, args, layout: str) -> dict:
     from pipeline.runner import run_pipeline
     from pipeline.spec import parse_spec
 
-    stage = {"kind": "ppo", "from": "sft", "prompts": "builtin:addition", "reward_fn": "addition",
-             "peft": {"method": "full"}, "eval_limit": 1,
-             "algorithm": {"advantage": "grpo", "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3"},
-             "rollout": {"engine": "hf", "n": args.n, "prompts_per_step": args.prompts,
-                         "max_new_tokens": args.max_new_tokens, "temperature": 1.0},
-             "train": {"max_steps": args.iterations, "lr": 1e-5, "batch_size": args.prompts * args.n,
-                       "logging_steps": args.iterations, "lr_schedule": "constant"},
+    stage = {**grpo_stage(args, LAYOUTS[layout][1]), "eval_limit": 1,
              "scaling": {"num_workers": 1, "cpus_per_worker": LAYOUTS[layout][2]}}
-    stage["rollout"].update(LAYOUTS[layout][1])
     raw = {"name": f"bench-{int(time.time())}", "storage": str(storage), "tracking": {"backend": "none"},
            "ray": {"num_cpus": 4}, "stages": {"sft": {"data": "builtin:addition"}, "grpo": stage}}
     started = time.perf_counter()
