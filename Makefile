@@ -18,7 +18,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 export PYTHONUNBUFFERED := 1
-PYTEST := -m pytest -q -rs -p no:cacheprovider
+PYTEST := -m pytest -q -rs -p no:cacheprovider --durations=25
 
 ifeq ($(HAS_NVIDIA),)
 MAIN_EXTRAS := dev

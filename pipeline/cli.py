@@ -1,8 +1,10 @@
 """The ``rayalign`` command.
 
     rayalign run CONFIG [--only STAGE[,STAGE]] [--force STAGE] [--input STAGE=PATH] [--set KEY=VALUE]
+                        [--no-wait] [--allow-stale-upstream]
     rayalign validate CONFIG     check the config and read every data file completely
-    rayalign plan CONFIG         print the DAG and which stages are cached
+    rayalign plan CONFIG         print the DAG, which stages are cached, and why the others are stale
+    rayalign verify CONFIG       check the stored artifacts' files against their recorded sha256
     rayalign report CONFIG       rebuild <storage>/<name>/report/index.html from the store (no training)
     rayalign submit CONFIG --address http://HEAD:8265 [--no-wait]   run it as a job on a Ray cluster
     rayalign k8s CONFIG [-o FILE]                                   render a KubeRay RayJob
@@ -56,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rerun these stages even if cached")
     run.add_argument("--input", dest="inputs", action="append", default=[], metavar="STAGE=PATH",
                      help="use an existing HF folder as this stage's output")
+    run.add_argument("--no-wait", action="store_true",
+                     help="stop (naming the holder) instead of waiting when another run is writing a stage")
+    run.add_argument("--allow-stale-upstream", action="store_true",
+                     help="with --only: use an upstream's newest stored artifact when none matches its config")
     run.set_defaults(handler=cmd_run)
+
+    verify = with_config("verify", "check every stored artifact of this pipeline against its recorded sha256")
+    verify.set_defaults(handler=cmd_verify)
 
     validate = with_config("validate", "check the config and read every data file, without training")
     validate.set_defaults(handler=cmd_validate)
@@ -127,10 +136,13 @@ def _inputs(pairs: list[str]) -> dict[str, str]:
 def cmd_run(args) -> int:
     from pipeline.runner import run_pipeline
     from pipeline.spec import load_spec
+    from pipeline.validate import validate_pipeline
 
     spec = load_spec(args.config, args.overrides)
+    validate_pipeline(spec, stages=args.only, inputs=_inputs(args.inputs))  # every check before any training
     started = time.monotonic()
-    artifacts = run_pipeline(spec, only=args.only, force=args.force, inputs=_inputs(args.inputs))
+    artifacts = run_pipeline(spec, only=args.only, force=args.force, inputs=_inputs(args.inputs),
+                             wait=not args.no_wait, allow_stale_upstream=args.allow_stale_upstream)
     print(f"\n{spec.name}: {len(artifacts)} node(s) ready in {time.monotonic() - started:.1f}s")
     for node, artifact in artifacts.items():
         print(f"  {node:<16} {artifact.fingerprint}  {artifact.model_dir}")
@@ -184,10 +196,35 @@ def cmd_plan(args) -> int:
         status = "cached" if the_plan.cached[node] is not None else "to run"
         refs = ", ".join(f"{role}={parent}" for role, parent in parents.items()) or "-"
         print(f"  {node:<16} {kind:<8} {the_plan.fingerprints[node]}  {status:<7} <- {refs}")
+        for reason in the_plan.why_stale.get(node, []):
+            print(f"      stale: {reason}")
         if node in resources:  # what the stage asks Ray for, under its line
             print("\n".join(f"      {line}" for line in resources[node].describe().splitlines()))
     print(f"peak (the largest stage; stages run one at a time): {format_amounts(peak(resources.values()))}")
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Hash every complete artifact of the pipeline's stages; a damaged one is taken out of use."""
+    from pipeline.spec import load_spec
+    from pipeline.store import ArtifactStore, hash_problems
+
+    spec = load_spec(args.config, args.overrides)
+    store = ArtifactStore(spec.run_root())
+    damaged = 0
+    for stage in ["base", *spec.stages]:
+        for artifact in store.complete(stage):
+            problems = hash_problems(artifact)
+            recorded = len(artifact.manifest.get("files", {}))
+            if problems:
+                damaged += 1
+                store.mark_damaged(artifact, problems)
+                print(f"  {stage:<16} {artifact.fingerprint}  DAMAGED: {'; '.join(problems)} (rerun on the next run)")
+            else:
+                print(f"  {stage:<16} {artifact.fingerprint}  ok ({recorded} files)" if recorded else
+                      f"  {stage:<16} {artifact.fingerprint}  unverifiable (written without checksums)")
+    print(f"{spec.run_root()}: {damaged} damaged artifact(s)")
+    return 1 if damaged else 0
 
 
 def cmd_submit(args) -> int:

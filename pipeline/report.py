@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pipeline.spec import PipelineSpec
 from pipeline.report_figures import Figure, Node, STATUS_COLORS, is_finite_number, eval_figures, plot_curves, plot_dag, plot_reward_kl, reward_kl_curves
-from pipeline.store import MANIFEST, PARTIAL_PREFIX, Artifact, ArtifactStore, now
+from pipeline.store import MANIFEST, Artifact, ArtifactStore, now
 
 
 
@@ -56,7 +56,8 @@ def collect(spec: PipelineSpec) -> list[Node]:
             status = "external" if artifact.manifest.get("kind") == "external" else "complete"
             manifest, path = artifact.manifest, artifact.path
         else:
-            partial = store.stage_dir(name) / f"{PARTIAL_PREFIX}{fp}" / MANIFEST if fp else None
+            attempts = store.attempts(name, fp) if fp else []
+            partial = attempts[0] / MANIFEST if attempts else None
             if partial is not None and partial.exists():
                 try:
                     manifest = json.loads(partial.read_text())

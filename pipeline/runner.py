@@ -9,7 +9,10 @@ from pathlib import Path
 from pipeline.cluster import stage_connector
 from pipeline.dag import BASE, DAG, build_dag
 from pipeline.spec import PipelineSpec
-from pipeline.store import Artifact, ArtifactStore, fingerprint, library_versions, now, rayalign_version, write_json
+from pipeline.content_hash import code_fingerprint
+from pipeline.locks import StageLocked
+from pipeline.staleness import why_stale
+from pipeline.store import Artifact, ArtifactStore, StoreError, fingerprint, library_versions, now, write_json
 from stages.log import log
 from stages.registry import stage_kind
 from stages.resources import InsufficientResources, StageResources, stage_resources
@@ -27,26 +30,36 @@ class Plan:
     dag: DAG
     fingerprints: dict[str, str] = field(default_factory=dict)
     cached: dict[str, Artifact | None] = field(default_factory=dict)
+    why_stale: dict[str, list[str]] = field(default_factory=dict)  # node -> what changed since it last ran
     selected: list[str] = field(default_factory=list)  # nodes this run executes (or takes from cache)
 
 
 def stage_fingerprint(spec: PipelineSpec, node: str, upstream: dict[str, str]) -> str:
-    """Hash of everything that determines a stage's output: config, upstream outputs, data, code version."""
+    """Hash of everything that determines a stage's output (:func:`fingerprint_parts`)."""
+    return fingerprint(fingerprint_parts(spec, node, upstream))
+
+
+def fingerprint_parts(spec: PipelineSpec, node: str, upstream: dict[str, str]) -> dict:
+    """What a stage's output depends on: its config, its upstream artifacts, the content of its data
+    (held-out files included) and the code that computes it. Recorded in the manifest, so that
+    ``rayalign plan`` can say which of them changed."""
     if node == BASE:
         from stages.pretrained import BUILTIN_BASES
 
         recipe = BUILTIN_BASES.get(spec.base.model.removeprefix("builtin:"))
-        payload = {"base": spec.base.model_dump(), "recipe": recipe, "version": rayalign_version()}
-        return fingerprint(payload)
+        return {"base": spec.base.model_dump(), "recipe": recipe, "code": code_fingerprint()}
     config = spec.stages[node]
-    data = {name: data_fingerprint(spec.resolve_path(d.path)) for name, (d, _) in data_sources(config).items()}
-    payload = {
+    data = {}
+    for name, (source, _) in data_sources(config).items():
+        data[name] = data_fingerprint(spec.resolve_path(source.path))
+        if source.eval_path:
+            data[f"{name}.eval_path"] = data_fingerprint(spec.resolve_path(source.eval_path))
+    return {
         "config": config.model_dump(mode="json", by_alias=True),
         "upstream": upstream,
         "data": data,
-        "version": rayalign_version(),
+        "code": code_fingerprint(),
     }
-    return fingerprint(payload)
 
 
 def data_fingerprint(path: str) -> str:
@@ -70,14 +83,36 @@ def plan(spec: PipelineSpec, only: list[str] | None = None, inputs: dict[str, st
             result.fingerprints[node], result.cached[node] = artifact.fingerprint, artifact
             continue
         if node == BASE and not spec.base.model.startswith("builtin:"):
-            artifact = Artifact.external(BASE, spec.resolve_path(spec.base.model))
+            artifact = external_base(spec)
             result.fingerprints[node], result.cached[node] = artifact.fingerprint, artifact
             continue
         upstream = {role: result.fingerprints[parent] for role, parent in dag.parents[node].items()}
-        fp = stage_fingerprint(spec, node, upstream)
+        parts = fingerprint_parts(spec, node, upstream)
+        fp = fingerprint(parts)
         result.fingerprints[node] = fp
         result.cached[node] = store.find(node, fp)
+        if result.cached[node] is None:
+            result.why_stale[node] = why_stale(parts, store.latest(node))
     return result
+
+
+def external_base(spec: PipelineSpec, resolve: bool = False) -> Artifact:
+    """A hub id or local folder as the base node. With ``resolve`` and a ``base.revision``, the hub id is
+    resolved here, once, to the local snapshot of that revision, and every stage loads that folder; on
+    a cluster, HF_HOME must then be a path every node sees (``rayalign k8s`` puts it on the claim)."""
+    location = spec.resolve_path(spec.base.model)
+    artifact = Artifact.external(BASE, location, spec.base.revision)
+    if resolve and spec.base.revision and not Path(location).is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot = snapshot_download(location, revision=spec.base.revision)
+        except Exception as err:  # noqa: BLE001 - offline and not cached, unknown revision, no access
+            raise RunError(f"base.model {location!r} at base.revision {spec.base.revision!r} cannot be loaded: "
+                           f"{type(err).__name__}: {err}") from err
+        log(f"base: {location} at revision {spec.base.revision} -> {snapshot}")
+        artifact.manifest.update(model_dir=snapshot, revision=spec.base.revision)
+    return artifact
 
 
 def run_pipeline(
@@ -86,8 +121,14 @@ def run_pipeline(
     only: list[str] | None = None,
     force: list[str] | None = None,
     inputs: dict[str, str] | None = None,
+    wait: bool = True,
+    allow_stale_upstream: bool = False,
 ) -> dict[str, Artifact]:
-    """Run the stages of a pipeline in dependency order; returns node -> artifact."""
+    """Run the stages of a pipeline in dependency order; returns node -> artifact.
+
+    A stage another run is writing is waited for (or, with ``wait=False``, an error names that run).
+    An ``--only`` stage's upstream must be stored for the current config, unless ``allow_stale_upstream``.
+    """
     the_plan = plan(spec, only=only, inputs=inputs)
     store = ArtifactStore(spec.run_root())
     force = set(force or [])
@@ -103,7 +144,7 @@ def run_pipeline(
             fp = stage_fingerprint(spec, node, upstream)
             cached = store.find(node, fp)
         if node == BASE and not spec.base.model.startswith("builtin:") and node not in (inputs or {}):
-            artifacts[node] = Artifact.external(BASE, spec.resolve_path(spec.base.model))
+            artifacts[node] = external_base(spec, resolve=True)
         elif node in (inputs or {}):
             log(f"{node}: using --input {cached.path}")
             artifacts[node] = cached
@@ -112,22 +153,48 @@ def run_pipeline(
             artifacts[node] = cached
         elif node in the_plan.selected or node == BASE:
             # The builtin base is rebuilt when absent: it is cheap and deterministic.
-            artifacts[node] = run_stage(spec, the_plan.dag, node, fp, artifacts, store)
+            artifacts[node] = run_exclusively(spec, the_plan.dag, node, fp, artifacts, store,
+                                              forced=node in force, wait=wait)
         else:
-            artifacts[node] = _upstream_from_store(store, node, fp)
+            artifacts[node] = _upstream_from_store(store, node, fp, allow_stale_upstream)
     return artifacts
 
 
-def _upstream_from_store(store: ArtifactStore, node: str, fp: str) -> Artifact:
-    """An upstream of an ``--only`` stage: the exact artifact, else the newest complete one."""
+def run_exclusively(spec: PipelineSpec, dag: DAG, node: str, fp: str, artifacts: dict[str, Artifact],
+                    store: ArtifactStore, *, forced: bool, wait: bool) -> Artifact:
+    """Run a stage holding its lock, unless the run that held the lock before has finished it meanwhile."""
+    try:
+        with store.lock(node, fp, wait=wait) as lock:
+            if lock.took_over:
+                log(f"{node}: taking over from a run that died while writing this stage ({lock.took_over})")
+            if not forced and (done := store.find(node, fp)) is not None:
+                log(f"{node}: finished by another run meanwhile ({fp}) at {done.path}")
+                return done
+            return run_stage(spec, dag, node, fp, artifacts, store)
+    except StageLocked as err:
+        raise RunError(f"{err}; rerun without --no-wait to wait for it") from None
+    except OSError as err:  # the stage's own errors arrive as RunError: this is the store itself
+        raise RunError(f"stage {node!r}: cannot write to the store {store.root}: {err}") from err
+
+
+def _upstream_from_store(store: ArtifactStore, node: str, fp: str, allow_stale: bool) -> Artifact:
+    """An upstream of an ``--only`` stage: the artifact of the current config, else (opted in) the newest."""
     artifact = store.find(node, fp)
     if artifact is not None:
         log(f"{node}: using stored artifact {fp}")
         return artifact
-    artifact = store.latest(node)
-    if artifact is not None:
-        log(f"{node}: no artifact for the current config ({fp}); using the newest stored one, {artifact.fingerprint}")
-        return artifact
+    candidates = store.complete(node)
+    if candidates and allow_stale:
+        log(f"{node}: no artifact for the current config ({fp}); --allow-stale-upstream: using the newest "
+            f"stored one, {candidates[0].fingerprint}")
+        return candidates[0]
+    if candidates:
+        listed = ", ".join(f"{a.fingerprint} (finished {a.manifest.get('finished', '?')})" for a in candidates[:5])
+        raise RunError(
+            f"stage {node!r} is needed upstream, and the store has no artifact for its current config ({fp}). "
+            f"Stored: {listed}. Run it too (add it to --only), pass --allow-stale-upstream to use the newest, "
+            f"or --input {node}=PATH"
+        )
     raise RunError(
         f"stage {node!r} is needed upstream but has no complete artifact in {store.stage_dir(node)}; "
         f"run it first, or pass --input {node}=PATH (an existing HF folder)"
@@ -163,7 +230,7 @@ def run_stage(
 ) -> Artifact:
     config = spec.stages.get(node, spec.base if node == BASE else None)
     kind = BASE if node == BASE else config.kind
-    work_dir = store.partial_dir(node, fp)
+    work_dir = store.start_attempt(node, fp)
     inputs = {role: artifacts[parent] for role, parent in dag.parents[node].items()}
     resources = stage_resources(config, node) if node != BASE else None
     ctx = StageContext(name=node, config=config, inputs=inputs, work_dir=work_dir, fingerprint=fp,
@@ -176,6 +243,9 @@ def run_stage(
         "inputs": {parent: artifacts[parent].fingerprint for parent in dag.parents[node].values()},
         "input_roles": dict(dag.parents[node]),
         "config": config.model_dump(mode="json", by_alias=True),
+        "fingerprint_parts": fingerprint_parts(spec, node, {r: artifacts[p].fingerprint
+                                                            for r, p in dag.parents[node].items()}),
+        "trust_remote_code": spec.base.trust_remote_code,
         "started": now(),
         "versions": library_versions(),
     }
@@ -185,8 +255,11 @@ def run_stage(
     try:
         result = stage_kind(kind).runner()(ctx)
     except Exception as err:
-        write_json(work_dir / "manifest.json", {**manifest, "status": "failed", "error": repr(err),
-                                                 "traceback": traceback.format_exc()})
+        try:
+            write_json(work_dir / "manifest.json", {**manifest, "status": "failed", "error": repr(err),
+                                                     "traceback": traceback.format_exc()})
+        except OSError:
+            pass  # a full or read-only store: the error below says so, and nothing is marked complete
         raise RunError(str(err) if isinstance(err, InsufficientResources) else f"stage {node!r} failed: {err}") \
             from err
     manifest.update(result.manifest)
@@ -196,6 +269,11 @@ def run_stage(
         data=result.data,
         seconds=watch.seconds,
     )
-    artifact = store.commit(node, fp, manifest)
+    try:
+        artifact = store.commit(node, fp, manifest, work_dir)
+    except StoreError as err:
+        if work_dir.is_dir():
+            write_json(work_dir / "manifest.json", {**manifest, "status": "failed", "error": str(err)})
+        raise RunError(str(err)) from err
     log(f"{node}: complete in {watch.seconds:.1f}s -> {artifact.path}")
     return artifact

@@ -23,6 +23,7 @@ misspelled keys.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,14 @@ from stages.registry import BASE_KIND, stage_configs
 
 class SpecError(ValueError):
     """A pipeline file that cannot be used; the message names the key path."""
+
+
+# A stage name becomes a folder of the store (<storage>/<name>/<stage>/): no path separators, no dots.
+STAGE_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+RESERVED_STAGE_NAMES = ("base", "report")
+# A validator's message may start with the key it is about, relative to the model it checks
+# ("peft.r: ..."); the error then names the full path (stages.grpo.peft.r).
+_RELATIVE_KEY = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*")
 
 
 # --------------------------------------------------------------------------- pipeline-level sections
@@ -126,7 +135,8 @@ class SweepConfig(ConfigModel):
 
 
 class PipelineSpec(ConfigModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # The run's folder under storage: never "." or "..".
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     storage: str = "runs"
     ray: RayConfig = RayConfig()
     base: BaseConfig = BaseConfig()
@@ -140,10 +150,11 @@ class PipelineSpec(ConfigModel):
 
     @field_validator("stages")
     @classmethod
-    def _reserved_names(cls, stages: dict[str, StageConfig]) -> dict[str, StageConfig]:
-        for reserved in ("base", "report"):
-            if reserved in stages:
-                raise ValueError(f"stage name {reserved!r} is reserved")
+    def _safe_names(cls, stages: dict[str, StageConfig]) -> dict[str, StageConfig]:
+        for name in stages:
+            problem = stage_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         return stages
 
     def storage_root(self) -> Path:
@@ -173,8 +184,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineS
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    except yaml.YAMLError as err:  # one line: where, and what the parser expected
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
     for override in overrides or []:
@@ -192,6 +206,10 @@ def parse_spec(raw: dict, where: str = "<spec>") -> PipelineSpec:
     if not isinstance(raw_stages, dict):
         raise SpecError(f"{where}: stages: expected a mapping of stage name -> stage config")
     for name, stage_raw in raw_stages.items():
+        problem = stage_name_problem(name)
+        if problem:
+            problems.append(f"stages: {problem}")
+            continue
         try:
             stages[name] = parse_stage(name, stage_raw)
         except ValidationError as err:
@@ -209,6 +227,16 @@ def parse_spec(raw: dict, where: str = "<spec>") -> PipelineSpec:
     except ValidationError as err:
         raise SpecError(f"{where}: " + "\n  ".join(_describe(e, raw) for e in err.errors())) from None
     return spec
+
+
+def stage_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a stage name (it becomes a folder of the store), or None."""
+    if name in RESERVED_STAGE_NAMES:
+        return f"stage name {name!r} is reserved"
+    if not isinstance(name, str) or not re.fullmatch(STAGE_NAME_PATTERN, name):
+        return (f"{name!r} is not a valid stage name: it must match {STAGE_NAME_PATTERN} (a lower-case letter, "
+                "then up to 63 lower-case letters, digits, _ or -), since it names a folder of the store")
+    return None
 
 
 def parse_stage(name: str, raw: Any) -> StageConfig:
@@ -235,6 +263,10 @@ def apply_override(raw: dict, override: str) -> None:
         raise SpecError(f"--set {override!r}: expected KEY.PATH=VALUE")
     key, _, text = override.partition("=")
     parts = key.strip().split(".")
+    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    if len(parts) > 2 and parts[0] == "stages" and parts[1] not in stages:
+        raise SpecError(f"--set {key}: there is no stage {parts[1]!r} in this pipeline{suggest(parts[1], stages)} "
+                        f"(stages: {', '.join(stages) or 'none'})")
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -256,7 +288,11 @@ def _describe(error: dict, raw: dict, prefix: list[str] | None = None) -> str:
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     if error["type"] == "value_error":
-        return f"{path}: {error['msg'].removeprefix('Value error, ')}"
+        message = error["msg"].removeprefix("Value error, ")
+        key, sep, rest = message.partition(": ")
+        if sep and _RELATIVE_KEY.fullmatch(key):  # "peft.r: ..." from a validator of the stage
+            return f"{path}.{key}: {rest}" if path else message
+        return f"{path}: {message}"
     value = error.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{path}: {error['msg']}{shown}"

@@ -2,13 +2,18 @@
 
 Layout under ``<storage>/<pipeline name>/``::
 
-    <stage>/<fingerprint>/manifest.json     status "complete" only once everything is written
+    <stage>/<fingerprint>/manifest.json     status "complete" only once everything is written;
+                                            lists every file it owns with its size and sha256
     <stage>/<fingerprint>/model/            a standard Hugging Face folder (weights or adapter, tokenizer)
-    <stage>/.partial-<fingerprint>/         a stage being written (kept after a crash so it can resume)
+    <stage>/.partial-<fingerprint>.<attempt>/   one attempt at the stage (kept after a crash so the
+                                            next attempt adopts it and resumes from its checkpoints)
+    <stage>/.lock-<fingerprint>             held by the run writing the stage (``pipeline.locks``)
 
-A stage writes into its ``.partial-`` folder and the folder is renamed into place when the
-manifest says ``complete``; a rename is atomic on one filesystem, so an interrupted stage never
-leaves anything that looks finished.
+A stage writes into its attempt's folder and the folder is renamed into place when the manifest
+says ``complete``; a rename is atomic on one filesystem, so an interrupted stage never leaves
+anything that looks finished. Only the lock's holder creates, adopts or commits attempt folders.
+A cache hit checks every recorded file's size; ``rayalign verify`` checks their hashes. A damaged
+artifact is never used: it is reported and rerun.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +30,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.content_hash import file_records, folder_digest, sha256_file
+from pipeline.locks import StageLock, lock_path
 from stages.files import write_json
+from stages.log import log
 
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
@@ -49,12 +58,16 @@ class Artifact:
         return self.manifest.get("metrics", {})
 
     @classmethod
-    def external(cls, stage: str, location: str) -> Artifact:
+    def external(cls, stage: str, location: str, revision: str | None = None) -> Artifact:
         """An HF folder or hub id used as a stage's output without running the stage."""
-        fingerprint = fingerprint_model_location(location)
+        fingerprint = fingerprint_model_location(location, revision)
         manifest = {"stage": stage, "kind": "external", "fingerprint": fingerprint, "status": "complete",
                     "model_dir": location, "model_type": _model_type(Path(location))}
         return cls(stage=stage, fingerprint=fingerprint, path=Path(location), manifest=manifest)
+
+
+class StoreError(RuntimeError):
+    """A commit that would record something false (its folder gone, no loadable weights)."""
 
 
 class ArtifactStore:
@@ -65,30 +78,68 @@ class ArtifactStore:
         return self.root / stage
 
     def find(self, stage: str, fingerprint: str) -> Artifact | None:
-        """The complete artifact of this stage and fingerprint, if there is one."""
-        return _read_artifact(stage, self.stage_dir(stage) / fingerprint)
+        """The complete, undamaged artifact of this stage and fingerprint, if there is one. A damaged one
+        (a recorded file missing or of another size) is reported and treated as absent, so it is rerun."""
+        artifact = _read_artifact(stage, self.stage_dir(stage) / fingerprint)
+        if artifact is not None and (problems := size_problems(artifact)):
+            log(f"{stage}: the stored artifact {fingerprint} is damaged ({'; '.join(problems[:3])}); "
+                f"it is not used and will be rerun")
+            return None
+        return artifact
+
+    def complete(self, stage: str) -> list[Artifact]:
+        """Every complete artifact of a stage, newest first."""
+        folder = self.stage_dir(stage)
+        if not folder.is_dir():
+            return []
+        found = [a for d in folder.iterdir() if not d.name.startswith(".") and (a := _read_artifact(stage, d))]
+        return sorted(found, key=lambda a: a.manifest.get("finished", ""), reverse=True)
 
     def latest(self, stage: str) -> Artifact | None:
         """The most recently finished complete artifact of a stage, whatever its fingerprint."""
+        return next(iter(self.complete(stage)), None)
+
+    def lock(self, stage: str, fingerprint: str, *, wait: bool = True) -> StageLock:
+        """The lock that makes one run at a time write this stage and fingerprint."""
+        return StageLock(lock_path(self.stage_dir(stage), fingerprint), wait=wait, on_wait=log)
+
+    def attempts(self, stage: str, fingerprint: str) -> list[Path]:
+        """This fingerprint's attempt folders, newest first (an unsuffixed one is from an older rayalign)."""
+        name = f"{PARTIAL_PREFIX}{fingerprint}"
         folder = self.stage_dir(stage)
-        if not folder.is_dir():
-            return None
-        found = [a for d in folder.iterdir() if not d.name.startswith(".") and (a := _read_artifact(stage, d))]
-        return max(found, key=lambda a: a.manifest.get("finished", ""), default=None)
+        found = [p for p in folder.glob(f"{name}*") if p.is_dir() and (p.name == name or p.name.startswith(f"{name}."))]
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
-    def partial_dir(self, stage: str, fingerprint: str) -> Path:
-        """Where a stage run is written; left in place after a crash so the next run resumes from it."""
-        path = self.stage_dir(stage) / f"{PARTIAL_PREFIX}{fingerprint}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def start_attempt(self, stage: str, fingerprint: str) -> Path:
+        """A fresh folder for this attempt, holding the newest earlier attempt's work (its checkpoints) if
+        one crashed. Call it holding the stage's lock: no other run is then writing any attempt."""
+        attempt = self.stage_dir(stage) / f"{PARTIAL_PREFIX}{fingerprint}.{_attempt_id()}"
+        earlier = self.attempts(stage, fingerprint)
+        if earlier:
+            os.rename(earlier[0], attempt)
+            # Ray Train's own run state names the old folder; resume goes through the checkpoints instead.
+            shutil.rmtree(attempt / "ray", ignore_errors=True)
+            for stale in earlier[1:]:
+                shutil.rmtree(stale, ignore_errors=True)
+            log(f"{stage}: adopting the work of an earlier attempt ({earlier[0].name})")
+        else:
+            attempt.mkdir(parents=True)
+        return attempt
 
-    def commit(self, stage: str, fingerprint: str, manifest: dict) -> Artifact:
-        """Mark a partial folder complete and move it into place atomically."""
-        partial = self.partial_dir(stage, fingerprint)
-        manifest = {**manifest, "status": "complete", "finished": now()}
+    def commit(self, stage: str, fingerprint: str, manifest: dict, partial: Path) -> Artifact:
+        """Mark an attempt's folder complete, record its files' sizes and hashes, and move it into place
+        atomically. Refuses when the folder is gone or holds no loadable weights where the stage made a model."""
+        partial = Path(partial)
+        if not partial.is_dir():
+            raise StoreError(f"{stage}: the attempt folder {partial} is gone (removed by another process?); "
+                             f"nothing was committed")
+        if problems := model_problems(partial / MODEL_DIR, manifest.get("model_type")):
+            raise StoreError(f"{stage}: refusing to mark {partial} complete: {'; '.join(problems)}")
+        manifest = {**manifest, "status": "complete", "finished": now(),
+                    "files": file_records(partial, skip={MANIFEST})}
         write_json(partial / MANIFEST, manifest)
         final = self.stage_dir(stage) / fingerprint
-        if final.exists():  # --force: keep the old one until the new one is in place
+        if final.exists():  # --force, or a damaged artifact: keep the old one until the new one is in place
             retired = final.with_name(f".retired-{fingerprint}-{int(time.time())}")
             os.rename(final, retired)
             os.rename(partial, final)
@@ -96,6 +147,59 @@ class ArtifactStore:
         else:
             os.rename(partial, final)
         return Artifact(stage=stage, fingerprint=fingerprint, path=final, manifest=manifest)
+
+    def mark_damaged(self, artifact: Artifact, problems: list[str]) -> None:
+        """Take a damaged artifact out of use (the next run reruns it), keeping its files for inspection."""
+        write_json(artifact.path / MANIFEST, {**artifact.manifest, "status": "damaged", "damage": problems})
+
+
+def size_problems(artifact: Artifact) -> list[str]:
+    """Recorded files that are missing or changed size (cheap: a stat per file)."""
+    problems = []
+    for rel, record in artifact.manifest.get("files", {}).items():
+        path = artifact.path / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif path.stat().st_size != record["size"]:
+            problems.append(f"{rel} has {path.stat().st_size} bytes, {record['size']} recorded")
+    return problems
+
+
+def hash_problems(artifact: Artifact) -> list[str]:
+    """Recorded files that are missing, resized or altered (reads every byte)."""
+    problems = size_problems(artifact)
+    damaged = {p.split(" ", 1)[0] for p in problems}
+    for rel, record in artifact.manifest.get("files", {}).items():
+        if rel not in damaged and sha256_file(artifact.path / rel) != record["sha256"]:
+            problems.append(f"{rel} does not match its recorded sha256")
+    return problems
+
+
+def model_problems(model_dir: Path, model_type: str | None) -> list[str]:
+    """Why a stage's model folder would not load: no config, no safetensors, or an unreadable header."""
+    if model_type not in ("full", "adapter"):
+        return []  # the stage makes no model (an eval stage)
+    if not model_dir.is_dir():
+        return [f"it has no {MODEL_DIR}/ folder"]
+    config, weights = (("adapter_config.json", ["adapter_model.safetensors"]) if model_type == "adapter"
+                       else ("config.json", sorted(p.name for p in model_dir.glob("*.safetensors"))))
+    problems = [] if (model_dir / config).is_file() else [f"{MODEL_DIR}/{config} is missing"]
+    if not weights or not all((model_dir / w).is_file() for w in weights):
+        return [*problems, f"{MODEL_DIR}/ has no {' / '.join(weights) if weights else '*.safetensors'} weights"]
+    from safetensors import safe_open
+
+    for name in weights:
+        try:
+            with safe_open(str(model_dir / name), framework="pt") as handle:
+                if not list(handle.keys()):
+                    problems.append(f"{MODEL_DIR}/{name} holds no tensors")
+        except Exception as err:  # noqa: BLE001 - any unreadable header
+            problems.append(f"{MODEL_DIR}/{name} is not a readable safetensors file ({err})")
+    return problems
+
+
+def _attempt_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{socket.gethostname()}-{os.getpid()}"
 
 
 def _read_artifact(stage: str, folder: Path) -> Artifact | None:
@@ -123,19 +227,13 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def fingerprint_model_location(location: str) -> str:
-    """A model folder is hashed by its config and weight files' names, sizes and config content;
-    a hub id by its name (hub revisions are pinned with ``base.revision``)."""
+def fingerprint_model_location(location: str, revision: str | None = None) -> str:
+    """A model folder is hashed by the content of every file (``content_hash.cached_sha256``: paid once
+    per file version); a hub id by its name and ``base.revision``."""
     path = Path(location)
     if not path.is_dir():
-        return fingerprint({"hub": location})
-    summary = {}
-    for file in sorted(path.rglob("*")):
-        if file.is_file():
-            rel = str(file.relative_to(path))
-            small = file.suffix == ".json" and file.stat().st_size < 1 << 20
-            summary[rel] = file.read_text(errors="replace") if small else file.stat().st_size
-    return fingerprint(summary)
+        return fingerprint({"hub": location, "revision": revision})
+    return fingerprint(folder_digest(path))
 
 
 # --------------------------------------------------------------------------- manifest helpers
@@ -153,10 +251,3 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     return versions
-
-
-def rayalign_version() -> str:
-    try:
-        return metadata.version("rayalign")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"

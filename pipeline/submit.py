@@ -16,9 +16,11 @@ ray.address=auto`` (the driver joins the cluster it runs on instead of starting 
 * ``pip``: only with ``--pip REQ`` (repeatable). Normally the cluster image carries the stack
   (torch, transformers, TRL, DeepSpeed); installing it per job takes minutes.
 * ``env_vars``: the driver environment of ``pipeline.cluster`` (HF_HUB_OFFLINE=1, ...), plus
-  ``--env KEY=VALUE`` or ``--env KEY`` (copied from this shell). Only names are ever printed.
+  ``--env KEY=VALUE`` (a setting, stored in the job record) or ``--env KEY`` (a reference,
+  ``${KEY}``, that Ray expands on the cluster from its own environment: the value never leaves the
+  cluster, so it is in no job record, log or manifest). A secret-looking name (token, key, secret,
+  password) with a value on the command line is refused. Only names are ever printed.
   Hub downloads: ``kubernetes: {hub_offline: false}`` in the file or ``--env HF_HUB_OFFLINE=0``.
-  Tokens belong in the cluster's own environment or secrets, not on a command line.
 
 ``storage`` must be a path every node of the cluster sees (NFS, a mounted bucket): a relative
 path would resolve inside the job's temporary working_dir copy and vanish with it; submit
@@ -43,6 +45,7 @@ from pathlib import Path
 from pipeline.cluster import JOIN_CLUSTER
 from pipeline.spec import PipelineSpec, load_spec
 
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 WORKING_DIR_EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", "*.egg-info", ".pytest_cache", "runs"]
 CODE_PACKAGES = ("pipeline", "stages")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -115,11 +118,11 @@ def job_env(pairs: list[str], hub_offline: bool = True) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"--env {key!r}: not an environment variable name")
-        if not sep:
-            if key not in os.environ:
-                raise ValueError(f"--env {key}: not set in this shell")
-            value = os.environ[key]
-        env[key] = value
+        if sep and SECRET_NAME.search(key):
+            raise ValueError(f"--env {key}=...: a secret's value would be stored in the Ray job record; pass it "
+                             f"by reference, --env {key}, and set {key} in the cluster's environment "
+                             f"(or a Kubernetes secret)")
+        env[key] = value if sep else f"${{{key}}}"  # Ray expands ${KEY} from the cluster node's environment
     return env
 
 

@@ -9,9 +9,10 @@ settings is a field default here or in the stage's config class.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class ConfigModel(BaseModel):
@@ -52,6 +53,20 @@ class DataConfig(ConfigModel):
 DataSection = Annotated[DataConfig, BeforeValidator(path_shorthand)]
 
 
+def known_chat_template(value: str | None) -> str | None:
+    """A ``chat_template`` choice: None or ``model`` (the model's own), or a name from ``stages.chat_templates``."""
+    from stages.chat_templates import valid_choices  # a leaf module: no import cycle
+
+    if value is not None and value not in valid_choices():
+        raise ValueError(f"unknown chat template {value!r}{suggest(value, valid_choices())} "
+                         f"(valid: {', '.join(valid_choices())}; absent: the model's own)")
+    return value
+
+
+# A stage's chat template: absent (the model's own), ``model``, or one of stages.chat_templates.TEMPLATES.
+ChatTemplateChoice = Annotated[str | None, AfterValidator(known_chat_template)]
+
+
 class PeftConfig(ConfigModel):
     method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning"] = "lora"
     r: int = Field(16, ge=1)
@@ -60,6 +75,18 @@ class PeftConfig(ConfigModel):
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] | None = None
     num_virtual_tokens: int = Field(16, ge=1, description="prompt_tuning only.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _compiles(cls, value: list[str] | str) -> list[str] | str:
+        """A string other than all-linear is a regex over the model's module names (as peft reads it)."""
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{value!r} is not a regular expression ({err}); give a list of module names, "
+                                 "a regex, or all-linear") from None
+        return value
 
 
 class TrainConfig(ConfigModel):
@@ -158,7 +185,7 @@ class TrainingStageConfig(StageConfig):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
-    chat_template: str | None = Field(None, description="None: the model's own; or chatml, alpaca, vicuna.")
+    chat_template: ChatTemplateChoice = Field(None, description="None: the model's own; or chatml, alpaca, vicuna.")
     merge: bool = Field(False, description="Also write the adapter merged into the base as a full model.")
 
 

@@ -59,5 +59,9 @@ def worker_arguments(job: WorkerJob, config: TrainingStageConfig, **handles: Any
 
 def worker_inputs(args: dict, config_cls: type[StageConfigT],
                   job_cls: type[WorkerJob] = WorkerJob) -> tuple[WorkerJob, StageConfigT]:
-    """The typed job and stage config a worker was given (validated once, in the worker)."""
+    """The typed job and stage config a worker was given (validated once, in the worker). Every training
+    worker starts here, so this is also where pickle loads are switched off (``stages.safe_loading``)."""
+    from stages.safe_loading import forbid_pickle_loads
+
+    forbid_pickle_loads()
     return job_cls.model_validate(args["job"]), config_cls.model_validate(args["config"])

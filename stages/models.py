@@ -102,7 +102,8 @@ def _peft_config(cfg: PeftConfig, task_type: str):
 
 def model_init_kwargs(cfg: PeftConfig, precision: str, trust_remote_code: bool) -> dict:
     """Keyword arguments for ``from_pretrained``: dtype, and the 4-bit NF4 base for QLoRA."""
-    kwargs: dict = {"dtype": torch_dtype(precision), "trust_remote_code": trust_remote_code}
+    # use_safetensors: a .bin (pickle) checkpoint is refused, never unpickled.
+    kwargs: dict = {"dtype": torch_dtype(precision), "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -238,7 +239,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, trust_remote_cod
     loader = AutoPeftModelForSequenceClassification if task_type == "SEQ_CLS" else AutoPeftModelForCausalLM
     extra = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
     model = loader.from_pretrained(str(adapter_dir), dtype=torch_dtype(merge_precision(adapter_dir)),
-                                   low_cpu_mem_usage=True, trust_remote_code=trust_remote_code, **extra)
+                                   low_cpu_mem_usage=True, trust_remote_code=trust_remote_code,
+                                   use_safetensors=True, **extra)
     model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
     del model
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)

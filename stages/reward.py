@@ -147,7 +147,7 @@ def merge_reward_adapter(adapter_dir: str | Path, out_dir: str | Path, tokenizer
     shutil.rmtree(tmp, ignore_errors=True)
     base = AutoModelForSequenceClassification.from_pretrained(
         adapter_base(adapter_dir), num_labels=1, dtype=torch_dtype(merge_precision(adapter_dir)),
-        low_cpu_mem_usage=True, trust_remote_code=trust_remote_code,
+        low_cpu_mem_usage=True, trust_remote_code=trust_remote_code, use_safetensors=True,
     )
     base.config.pad_token_id = tokenizer.pad_token_id
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -38,7 +38,7 @@ class RewardScorer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), num_labels=1, dtype=inference_dtype(dtype, self.device, model_dir))
+            str(model_dir), num_labels=1, dtype=inference_dtype(dtype, self.device, model_dir), use_safetensors=True)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(self.device).eval()

@@ -82,3 +82,68 @@ def held_out_task(data: DataConfig) -> str | None:
 def periodic_eval(config, data) -> bool:
     """Evaluate during training only when asked (eval_steps or early stopping); the final held-out pass always runs."""
     return data.eval_file is not None and bool(config.train.eval_steps or config.train.early_stopping_patience)
+
+
+# --------------------------------------------------------------------------- TRL's length rules
+
+
+@dataclass(frozen=True)
+class LengthRule:
+    """Which records a stage's TRL trainer drops for ``train.max_length``: it measures ``measure`` in tokens
+    (``"prompt"``: up to the first assistant turn, with the generation prompt; ``"longest"``: the longer of
+    prompt + chosen and prompt + rejected) and keeps a record when ``length < max_length`` (``strict``) or
+    ``length <= max_length``."""
+
+    measure: str
+    strict: bool
+    what: str  # for messages
+
+    def keeps(self, length: int, max_length: int) -> bool:
+        return length < max_length if self.strict else length <= max_length
+
+
+def length_rule(kind: str, assistant_only_loss: bool = True, packing: bool = False,
+                record_kind: str | None = None) -> LengthRule | None:
+    """The rule of a stage kind, or None when its trainer drops nothing for length (it truncates).
+
+    * sft (``SFTTrainer``): with ``assistant_only_loss`` and no packing, truncation to ``max_length`` that
+      leaves no assistant token drops the record: the prompt before it must be shorter than ``max_length``;
+    * dpo (``DPOTrainer``, paired losses): a prompt of ``max_length`` tokens or more is dropped;
+    * reward (``RewardTrainer``): a pair with a side longer than ``max_length`` is dropped.
+    """
+    if kind == "sft" and assistant_only_loss and not packing:
+        return LengthRule("prompt", True, "the prompt before the first assistant token")
+    if kind == "dpo" and record_kind == "preference":
+        return LengthRule("prompt", True, "the prompt")
+    if kind == "reward":
+        return LengthRule("longest", False, "the longer side of the pair (prompt + chosen or rejected)")
+    return None
+
+
+def token_lengths(records: list, measure: str, tokenizer, template: str) -> list[int]:
+    """Token count of each record's prompt or longest side, rendered with ``template`` (no weights needed)."""
+    if measure == "prompt":
+        conversations = [_prompt_messages(r) for r in records]
+        return _rendered_lengths(tokenizer, template, conversations, add_generation_prompt=True)
+    sides = [[*r.prompt, *side] for r in records for side in (r.chosen, r.rejected)]
+    lengths = _rendered_lengths(tokenizer, template, [[m.to_dict() for m in s] for s in sides], False)
+    return [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)]
+
+
+def _prompt_messages(record) -> list[dict]:
+    """A record's prompt: of an SFT conversation the messages before the first assistant turn (the first
+    token trained on), of every other kind its ``prompt``."""
+    if hasattr(record, "prompt"):
+        return [m.to_dict() for m in record.prompt]
+    messages = record.messages
+    first = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
+    return [m.to_dict() for m in messages[:first]]
+
+
+def _rendered_lengths(tokenizer, template: str, conversations: list[list[dict]], add_generation_prompt: bool):
+    texts = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its Rust core, without padding
+    if backend is not None:
+        return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TEST_SECRET
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+# A dummy secret in the environment of the session's Ray cluster (its raylet inherits this process's),
+# which a submitted job reads by reference (tests/pipeline/test_submit_k8s.py greps that it leaks nowhere).
+os.environ.setdefault(*TEST_SECRET)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

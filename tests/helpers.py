@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.spec import PipelineSpec, parse_spec
 
+TEST_SECRET = ("RAYALIGN_TEST_SECRET_TOKEN", f"dummy-secret-{os.getpid()}-7f3a9c")  # name, value
 QUICK_TRAIN = {"max_steps": 4, "lr": 3.0e-3, "batch_size": 8, "max_length": 32, "logging_steps": 1}
 
 

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.config import ConfigModel, DataConfig, DataSection, StageConfig, suggest
+from stages.config import ChatTemplateChoice, ConfigModel, DataConfig, DataSection, StageConfig, suggest
 from stages.stage import StageKind
 from stages.tasks import TASKS
 
@@ -66,7 +66,7 @@ class EvalConfig(StageConfig):
     generation: EvalGenerationConfig = EvalGenerationConfig()
     max_prompts: int | None = Field(200, ge=1, description="At most this many prompts (and examples) per set.")
     num_examples: int = Field(5, ge=0, description="Sample responses per model kept for the report.")
-    chat_template: str | None = Field(None, description="None: each model's own; or chatml, alpaca, vicuna.")
+    chat_template: ChatTemplateChoice = Field(None, description="None: each model's own; or chatml, alpaca, vicuna.")
 
     upstream_fields: ClassVar[tuple[str, ...]] = ("models", "reward", "reference")
 

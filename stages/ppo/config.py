@@ -191,6 +191,28 @@ class PPOConfig(TrainingStageConfig):
                              "(one GPU per rank) or rollout.gpus_per_engine")
         return self
 
+    @model_validator(mode="after")
+    def _vllm_serves_the_adapter(self) -> PPOConfig:
+        """With ``rollout.engine: vllm`` and an adapter, the LoRA rank must be one vLLM serves (``max_lora_rank``
+        takes the values of ``stages.rollout.base.VLLM_LORA_RANKS_FALLBACK``; ``auto`` is checked when the stage
+        starts, where the engine is resolved)."""
+        if self.rollout.engine != "vllm" or self.peft.method == "full":
+            return self
+        from stages.rollout.base import VLLM_LORA_RANKS_FALLBACK as ALLOWED
+        from stages.rollout.base import choose_max_lora_rank
+
+        rank, max_rank = self.peft.r, self.rollout.engine_kwargs.get("max_lora_rank")
+        if max_rank is not None and max_rank not in ALLOWED:
+            raise ValueError(f"rollout.engine_kwargs.max_lora_rank: {max_rank!r} is not a rank vLLM accepts; use one "
+                             f"of {list(ALLOWED)}")
+        if rank > max(ALLOWED):
+            raise ValueError(f"peft.r: LoRA rank {rank} is larger than any rank vLLM serves (max_lora_rank is one of "
+                             f"{list(ALLOWED)}); with rollout.engine vllm use r <= {max(ALLOWED)}")
+        if max_rank is not None and rank > max_rank:
+            raise ValueError(f"peft.r: LoRA rank {rank} is over rollout.engine_kwargs.max_lora_rank ({max_rank}); "
+                             f"set max_lora_rank to {choose_max_lora_rank(rank, ALLOWED)} or lower peft.r")
+        return self
+
     @property
     def critic_lr(self) -> float | None:
         """The separate critic's learning rate: ``critic.lr``, else ``train.lr``."""

@@ -69,7 +69,7 @@ class HFEngine(RolloutEngine):
     def _load_full(self, path: str):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, use_safetensors=True)
         return model.to(self.device).eval()
 
     @property

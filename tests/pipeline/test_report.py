@@ -70,7 +70,8 @@ def commit_hand_made_reward(spec, base) -> None:
     the_plan = plan(spec)
     fp = the_plan.fingerprints["reward"]
     store = ArtifactStore(spec.run_root())
-    folder = store.partial_dir("reward", fp) / "model"
+    partial = store.start_attempt("reward", fp)
+    folder = partial / "model"
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
@@ -83,7 +84,7 @@ def commit_hand_made_reward(spec, base) -> None:
         "metrics": {"heldout_accuracy": 0.625, "heldout_pairs": 8, "heldout_margin": 0.25,
                     "heldout_accuracy/carry": 0.75},
         "curves": {"loss": [{"step": s, "value": 0.7 - 0.05 * s} for s in range(1, 6)]},
-    })
+    }, partial)
 
 
 def write_sweep(spec) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -18,7 +19,7 @@ from pipeline.cli import main
 from pipeline.k8s import CONFIG_MOUNT, render_file  # CONFIG_MOUNT: the pipeline file's path inside the image
 from pipeline.spec import SpecError
 from pipeline.submit import build_job, describe, submit
-from tests.helpers import quick_sft
+from tests.helpers import TEST_SECRET, quick_sft
 
 REPO = Path(__file__).resolve().parents[2]
 RAYJOB_SCHEMA = REPO.parent / "shared" / "kuberay" / "schemas" / "rayjob-v1.json"
@@ -244,16 +245,17 @@ def test_job_runtime_env_and_entrypoint(tmp_path, monkeypatch):
     config = _job_config(tmp_path / "job", tmp_path / "store", tmp_path / "base")
     monkeypatch.setenv("MY_SECRET_TOKEN", "s3cr3t-value")
     job = build_job(config, ["stages.sft.train.lr=1e-3"], env=["MY_SECRET_TOKEN", "EXTRA=1"])
+    assert "s3cr3t-value" not in json.dumps(job, default=str), "a secret is passed by reference, never by value"
     env = job["runtime_env"]
     # Outside the project: the config's folder is the working_dir and the code ships as py_modules.
     assert env["working_dir"] == str(tmp_path / "job")
     assert [Path(p).name for p in env["py_modules"]] == ["pipeline", "stages"]
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
-    assert env["env_vars"]["MY_SECRET_TOKEN"] == "s3cr3t-value" and env["env_vars"]["EXTRA"] == "1"
+    assert env["env_vars"]["MY_SECRET_TOKEN"] == "${MY_SECRET_TOKEN}" and env["env_vars"]["EXTRA"] == "1"
     assert job["entrypoint"] == ("python -m pipeline.cli run pipeline.yaml --set stages.sft.train.lr=1e-3 "
                                  "--set ray.address=auto")
     shown = "\n".join(describe(job))
-    assert "MY_SECRET_TOKEN" in shown and "s3cr3t-value" not in shown
+    assert "MY_SECRET_TOKEN" in shown
     assert job["submission_id"].startswith("rayalign-submitted-")
 
     # Inside the project: the project is the working_dir (code included), the store is excluded.
@@ -269,8 +271,9 @@ def test_job_runtime_env_and_entrypoint(tmp_path, monkeypatch):
         build_job(config, command="sweep")
     with pytest.raises(ValueError, match="not inside the working_dir"):
         build_job(config, working_dir=tmp_path / "elsewhere")
-    with pytest.raises(ValueError, match="not set in this shell"):
-        build_job(config, env=["SURELY_NOT_SET_ANYWHERE"])
+    with pytest.raises(ValueError, match=r"--env HF_TOKEN=\.\.\.: a secret's value would be stored in the Ray job "
+                                         r"record; pass it by reference, --env HF_TOKEN"):
+        build_job(config, env=["HF_TOKEN=hf_abc"])
 
 
 def _dashboard(ray_cluster) -> str:
@@ -320,7 +323,9 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_cluster, tiny_base, tmp_path,
     config = _job_config(tmp_path / "job", store, tiny_base, train={"max_steps": 2})
     out = io.StringIO()
     started = time.monotonic()
-    job_id, status = submit(config, address, ["stages.sft.train.lr=1e-3"], python=sys.executable, out=out)
+    secret_name, secret = TEST_SECRET  # in the cluster's environment (tests/conftest.py), passed by name
+    job_id, status = submit(config, address, ["stages.sft.train.lr=1e-3"], python=sys.executable, out=out,
+                            env=[secret_name])
     seconds = time.monotonic() - started
     logs = out.getvalue()
     _skip_if_captured_by_another_ray(status, logs)
@@ -335,11 +340,29 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_cluster, tiny_base, tmp_path,
     assert manifest["status"] == "complete" and manifest["config"]["train"]["lr"] == 1e-3
     print(f"\nsubmit: 2-step SFT job {job_id} took {seconds:.1f}s")
 
+    # The secret went by reference: not in the job record, its logs, the store, the report or this terminal.
+    client = JobSubmissionClient(address)
+    record = client.get_job_info(job_id)
+    assert record.runtime_env["env_vars"][secret_name] == f"${{{secret_name}}}"
+    written = [json.dumps(record.runtime_env), str(record.entrypoint), client.get_job_logs(job_id), logs]
+    written += [p.read_text(errors="replace") for p in store.rglob("*") if p.is_file() and p.suffix in
+                (".json", ".jsonl", ".html", ".md", ".txt", ".yaml", ".log")]
+    assert not [text[:200] for text in written if secret in text], "the secret's value leaked"
+    # ... and Ray resolves the reference on the cluster side.
+    import hashlib
+
+    import ray
+
+    @ray.remote(runtime_env={"env_vars": {"SEEN": f"${{{secret_name}}}"}})
+    def seen_digest() -> str:
+        return hashlib.sha256(os.environ["SEEN"].encode()).hexdigest()
+
+    assert ray.get(seen_digest.remote()) == hashlib.sha256(secret.encode()).hexdigest()
+
     # --no-wait returns at once; the same pipeline again is cached on the cluster's store.
     assert main(["submit", str(config), "--address", address, "--no-wait", "--python", sys.executable,
                  "--set", "stages.sft.train.lr=1e-3"]) == 0
     second = re.search(r"submitted (\S+)", capsys.readouterr().out).group(1)
-    client = JobSubmissionClient(address)
     deadline = time.monotonic() + 300
     while str(client.get_job_status(second).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, "the cached rerun did not finish in 5 minutes"
