@@ -18,11 +18,6 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def cached_sha256(path: Path) -> str:
-    """sha256 of one file, remembered like :func:`folder_digest`'s."""
-    return _cached_digests([Path(path)])[0]
-
-
 def folder_digest(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under a folder (hidden files included). Each file is hashed
     once per (absolute path, size, mtime): an 8B model's 16 GB are read on its first use only, and a

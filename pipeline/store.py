@@ -228,7 +228,7 @@ def fingerprint(payload: Any) -> str:
 
 
 def fingerprint_model_location(location: str, revision: str | None = None) -> str:
-    """A model folder is hashed by the content of every file (``content_hash.cached_sha256``: paid once
+    """A model folder is hashed by the content of every file (``content_hash.folder_digest``: paid once
     per file version); a hub id by its name and ``base.revision``."""
     path = Path(location)
     if not path.is_dir():

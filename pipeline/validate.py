@@ -44,7 +44,7 @@ from stages.config import TrainingStageConfig, suggest
 
 # Tracking backend -> the packages its Hugging Face callback imports (any one of them).
 TRACKING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")  # models load with use_safetensors=True: no .bin (pickle)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -155,8 +155,8 @@ def check_model_folder(path: Path, key: str) -> None:
         raise ValidationFailed(f"{key}: {path} is {what}: it has no config.json (found: {found}); expected a "
                                "folder written by save_pretrained (config.json, *.safetensors, tokenizer files)")
     if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
-        raise ValidationFailed(f"{key}: {path} has config.json but no weights (expected *.safetensors or "
-                               "pytorch_model*.bin)")
+        raise ValidationFailed(f"{key}: {path} has config.json but no weights (expected *.safetensors; "
+                               "pytorch_model*.bin is a pickle and is not loaded)")
 
 
 def _hub_offline() -> bool:
