@@ -1,7 +1,7 @@
 """The ``rayalign`` command.
 
     rayalign run CONFIG [--only STAGE[,STAGE]] [--force STAGE] [--input STAGE=PATH] [--set KEY=VALUE]
-                        [--no-wait] [--allow-stale-upstream]
+                        [--no-wait] [--allow-stale-upstream] [--ignore-gates]
     rayalign validate CONFIG     check the config and read every data file completely
     rayalign plan CONFIG         print the DAG, which stages are cached, and why the others are stale
     rayalign verify CONFIG       check the stored artifacts' files against their recorded sha256
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop (naming the holder) instead of waiting when another run is writing a stage")
     run.add_argument("--allow-stale-upstream", action="store_true",
                      help="with --only: use an upstream's newest stored artifact when none matches its config")
+    run.add_argument("--ignore-gates", action="store_true",
+                     help="run the stages downstream of a failed gate anyway (the failure is still logged and recorded)")
     run.set_defaults(handler=cmd_run)
 
     verify = with_config("verify", "check every stored artifact of this pipeline against its recorded sha256")
@@ -108,13 +110,17 @@ def add_cluster_commands(with_config) -> None:
     k8s.add_argument("--gpus-per-pod", type=int, default=None, metavar="N",
                      help="GPUs per worker pod, e.g. a node's 8 (NCCL within a node uses NVLink); "
                           "default: one worker's")
+    k8s.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="worker pods (replicas); default: as many as the largest stage needs (never fewer)")
+    k8s.add_argument("--cluster-selector", default=None, metavar="RAYCLUSTER",
+                     help="run on this existing RayCluster (clusterSelector) instead of creating one")
     k8s.add_argument("--command", choices=["run", "sweep"], default="run",
                      help="what the job runs: rayalign run (default) or rayalign sweep")
     k8s.set_defaults(handler=cmd_k8s)
 
-    sweep = with_config("sweep", "Ray Tune sweep of one stage's settings (the sweep: section)")
-    sweep.add_argument("--stage", default=None, help="the stage to sweep (default: sweep.stage)")
-    sweep.add_argument("--num-samples", type=int, default=None, help="samples per grid point")
+    sweep = with_config("sweep", "run one stage's sweep (its sweep: section) and what it needs upstream")
+    sweep.add_argument("--stage", default=None, help="the stage to sweep (default: the one with a sweep: section)")
+    sweep.add_argument("--num-samples", type=int, default=None, help="grid: repeats of each point; random: draws")
     sweep.add_argument("--max-concurrent-trials", type=int, default=None)
     sweep.set_defaults(handler=cmd_sweep)
 
@@ -133,29 +139,38 @@ def _inputs(pairs: list[str]) -> dict[str, str]:
     return inputs
 
 
+GATED_EXIT = 3  # a gate stopped the run: distinct from 2 (bad input, failed stage) for CI scripts
+
+
 def cmd_run(args) -> int:
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import GateFailed, run_pipeline
     from pipeline.spec import load_spec
     from pipeline.validate import validate_pipeline
 
     spec = load_spec(args.config, args.overrides)
     validate_pipeline(spec, stages=args.only, inputs=_inputs(args.inputs))  # every check before any training
     started = time.monotonic()
-    artifacts = run_pipeline(spec, only=args.only, force=args.force, inputs=_inputs(args.inputs),
-                             wait=not args.no_wait, allow_stale_upstream=args.allow_stale_upstream)
+    try:
+        artifacts = run_pipeline(spec, only=args.only, force=args.force, inputs=_inputs(args.inputs),
+                                 wait=not args.no_wait, allow_stale_upstream=args.allow_stale_upstream,
+                                 ignore_gates=args.ignore_gates)
+    except GateFailed as gate:
+        print(f"rayalign: gated: {gate}", file=sys.stderr)
+        print(f"report: {_report(spec, _inputs(args.inputs))}")
+        return GATED_EXIT
     print(f"\n{spec.name}: {len(artifacts)} node(s) ready in {time.monotonic() - started:.1f}s")
     for node, artifact in artifacts.items():
         print(f"  {node:<16} {artifact.fingerprint}  {artifact.model_dir}")
-    print(f"report: {_report(spec)}")
+    print(f"report: {_report(spec, _inputs(args.inputs))}")
     return 0
 
 
-def _report(spec) -> str:
+def _report(spec, inputs: dict[str, str] | None = None) -> str:
     """Build the run report; a failure to draw it never fails the run."""
     from pipeline.report import build_report
 
     try:
-        return str(build_report(spec))
+        return str(build_report(spec, inputs))
     except Exception as err:  # noqa: BLE001
         return f"not written ({type(err).__name__}: {err}); retry with: rayalign report CONFIG"
 
@@ -183,6 +198,7 @@ def cmd_validate(args) -> int:
 
 def cmd_plan(args) -> int:
     from pipeline.runner import plan
+    from pipeline.sweep import describe_trials
     from pipeline.spec import load_spec
     from stages.resources import format_amounts, peak, stage_resources
 
@@ -198,6 +214,11 @@ def cmd_plan(args) -> int:
         print(f"  {node:<16} {kind:<8} {the_plan.fingerprints[node]}  {status:<7} <- {refs}")
         for reason in the_plan.why_stale.get(node, []):
             print(f"      stale: {reason}")
+        for condition in getattr(spec.stages.get(node), "gate", []):
+            print(f"      gate: {condition}")
+        if getattr(spec.stages.get(node), "sweep", None) is not None:
+            upstream = {role: the_plan.fingerprints[parent] for role, parent in parents.items()}
+            print("\n".join(f"      {line}" for line in describe_trials(spec, node, upstream)))
         if node in resources:  # what the stage asks Ray for, under its line
             print("\n".join(f"      {line}" for line in resources[node].describe().splitlines()))
     print(f"peak (the largest stage; stages run one at a time): {format_amounts(peak(resources.values()))}")
@@ -245,24 +266,32 @@ def cmd_k8s(args) -> int:
 
     return main_k8s(args.config, args.overrides, args.output, args.command, image=args.image, namespace=args.namespace,
                     storage_claim=args.storage_claim, service_account=args.service_account,
-                    gpus_per_pod=args.gpus_per_pod)
+                    gpus_per_pod=args.gpus_per_pod, workers=args.workers, cluster_selector=args.cluster_selector)
 
 
 def cmd_sweep(args) -> int:
+    """Run one stage's sweep (and what it needs upstream), as ``rayalign run`` would within the DAG."""
+    from pipeline.dag import build_dag
+    from pipeline.runner import run_pipeline
     from pipeline.spec import load_spec
-    from pipeline.sweep import run_sweep, sweep_dir
+    from pipeline.sweep import resolve_sweep
 
-    spec = load_spec(args.config, args.overrides)
-    results = run_sweep(spec, args.stage, num_samples=args.num_samples,
-                        max_concurrent_trials=args.max_concurrent_trials)
-    print(f"\n{spec.name}/{results['stage']}: {len(results['trials'])} trial(s); results in "
-          f"{sweep_dir(spec, results['stage'])}")
+    overrides = list(args.overrides)
+    spec = load_spec(args.config, overrides)
+    stage, _ = resolve_sweep(spec, args.stage)
+    for key in ("num_samples", "max_concurrent_trials"):
+        if getattr(args, key) is not None:
+            overrides.append(f"stages.{stage}.sweep.{key}={getattr(args, key)}")
+    spec = load_spec(args.config, overrides)
+    dag = build_dag(spec)
+    artifact = run_pipeline(spec, only=[n for n in dag.order if n in dag.upstream_closure({stage})])[stage]
+    results = artifact.manifest["sweep"]
+    print(f"\n{spec.name}/{stage}: {len(results['trials'])} trial(s), {results['stopped_early']} stopped early")
     for trial in results["trials"]:
         value = trial.get("value")
-        shown = f"{value:.4g}" if isinstance(value, (int, float)) else trial["status"]
-        print(f"  {trial['trial']:<14} {results['metric']}={shown:<10} {trial['overrides']}")
-    best = results["best"]
-    print(f"best: {best['overrides']} -> {best['artifact']}")
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+        print(f"  {trial['status']:<8} {results['metric']}={shown:<10} {trial['overrides']}")
+    print(f"best: {results['best']['overrides']} -> {artifact.path}")
     return 0
 
 

@@ -92,9 +92,12 @@ def start_ray(spec: PipelineSpec) -> None:
     else:
         # address="local": always a new private instance, never a cluster that `ray start` left on this
         # machine (a plain ray.init() joins the one its bootstrap file names, and refuses num_cpus there).
-        # No dashboard: nothing here reads it (`rayalign submit` talks to a cluster's own).
+        # The dashboard on the loopback only: Ray Train's PlacementGroupCleaner watches each run's
+        # controller through the State API, which the dashboard serves. Without it, every Train run
+        # logged "Failed to query Ray Train Controller actor state" every few seconds, and a sweep trial
+        # that ASHA stopped kept its workers' CPUs, so the following trials never started.
         kwargs.update(address="local", num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus,
-                      include_dashboard=False)
+                      include_dashboard=True, dashboard_host="127.0.0.1")
     ray.init(**kwargs)
     if not is_verbose():
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the executor's per-dataset lines

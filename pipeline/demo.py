@@ -21,13 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     verbose = any(a in ("-v", "--verbose") for a in argv)
     argv = [a for a in argv if a not in ("-v", "--verbose")]
     set_verbosity(verbose)  # before transformers is imported or Ray starts
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import GateFailed, run_pipeline
     from pipeline.spec import load_spec
 
     config = argv[0] if argv else "configs/tiny.yaml"
     spec = load_spec(config, argv[1:])
     started = time.monotonic()
-    artifacts = run_pipeline(spec)
+    try:
+        artifacts = run_pipeline(spec)
+    except GateFailed as gate:
+        print(f"\ndemo stopped by a gate: {gate}")
+        return 3
     elapsed = time.monotonic() - started
     print(f"\n{spec.name}: pipeline finished in {elapsed:.0f}s; artifacts under {spec.run_root()}")
     for node, artifact in artifacts.items():

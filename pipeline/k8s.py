@@ -5,15 +5,19 @@
 
 Two documents come out: a ``ConfigMap`` holding the pipeline file (mounted into the head pod,
 where KubeRay runs the job's driver) and a ``RayJob`` (``ray.io/v1``) whose entrypoint is
-``rayalign run <that file> --set ray.address=auto``. KubeRay creates a Ray cluster for the job
-and deletes it when the job ends (``shutdownAfterJobFinishes``); the RayJob itself goes
-``ttlSecondsAfterFinished`` later.
+``rayalign run <that file> --set ray.address=auto``. ``submissionMode`` is explicit (K8sJobMode: a
+non-root submitter pod), the job may run ``activeDeadlineSeconds`` and is retried ``backoffLimit``
+times. KubeRay creates a Ray cluster for the job and deletes it ``ttlSecondsAfterFinished`` after the
+job ends (``shutdownAfterJobFinishes``). With ``--cluster-selector NAME`` the job runs on an existing
+RayCluster instead (``clusterSelector``, no ``rayClusterSpec``; see :func:`render`).
 
 The cluster is sized from the stages' resource plans (``stages.resources``, see
 :func:`cluster_shape`): every training worker, rollout engine, reward-model actor and eval actor of
 the largest stage fits, in pods of the largest member's CPUs and, with GPUs, ``nvidia.com/gpu``
-limits of one member's GPUs or ``kubernetes.gpus_per_pod`` (``--gpus-per-pod``). The head runs
-drivers only (``num-cpus: 0``).
+limits of one member's GPUs or ``kubernetes.gpus_per_pod`` (``--gpus-per-pod``); ``--workers``
+asks for more pods. Each worker container has ``kubernetes.cpu_headroom`` CPUs beyond those Ray
+schedules. The head runs drivers only (``num-cpus: 0``, ``num-gpus: 0``). Pod templates:
+``pipeline.k8s_manifests``.
 
 ``storage`` must be one filesystem shared by every pod (Ray Train writes checkpoints from the
 workers, stages read their upstream artifacts from wherever they run): give a ReadWriteMany
@@ -29,37 +33,39 @@ import math
 import re
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipeline.cluster import JOIN_CLUSTER
+from pipeline.cluster import DRIVER_ENV, JOIN_CLUSTER
+from pipeline.k8s_manifests import CONFIG_MOUNT, ClusterShape, head_group, submitter_template, worker_group
 from pipeline.spec import KubernetesConfig, PipelineSpec, load_spec
 from stages.resources import peak, stage_resources
 
-CONFIG_MOUNT = "/home/ray/rayalign"
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are DNS-1035 labels of at most 47 characters
+CLUSTER_SELECTOR_KEY = "ray.io/cluster"  # KubeRay selects an existing RayCluster by this label (its name)
 
 
-@dataclass(frozen=True)
-class ClusterShape:
-    """The worker group of a pipeline's Ray cluster: ``replicas`` pods of ``cpus`` CPUs and ``gpus`` GPUs."""
-
-    replicas: int
-    cpus: float
-    gpus: int = 0
-
-
-def cluster_shape(spec: PipelineSpec, gpus_per_pod: int | None = None) -> ClusterShape:
+def cluster_shape(spec: PipelineSpec, gpus_per_pod: int | None = None, workers: int | None = None) -> ClusterShape:
     """Enough worker pods for the largest stage (every training worker, rollout engine, reward-model
     actor and eval actor it runs at once: ``stages.resources``), stages running one at a time.
 
     A pod holds the largest single member (its CPUs; its GPUs, or ``gpus_per_pod`` of them). CPU
     pipelines get pods of that size, as many as the peak CPUs need. GPU pipelines get
     ``ceil(peak GPUs / gpus_per_pod)`` pods, and, with ``gpus_per_pod`` given, the peak's CPUs spread
-    over them (several members per pod, so NCCL between them can use the node's NVLink).
+    over them (several members per pod, so NCCL between them can use the node's NVLink). ``workers``
+    asks for more pods than that (never fewer: the largest stage would not fit).
     """
+    shape = _least_shape(spec, gpus_per_pod)
+    if workers is None:
+        return shape
+    if workers < shape.replicas:
+        raise ValueError(f"--workers {workers} is fewer than the {shape.replicas} worker pods of {shape.cpus:g} CPUs"
+                         + (f" and {shape.gpus} GPUs" if shape.gpus else "") + " that the largest stage needs")
+    return ClusterShape(workers, shape.cpus, shape.gpus)
+
+
+def _least_shape(spec: PipelineSpec, gpus_per_pod: int | None) -> ClusterShape:
     plans = [stage_resources(config, name) for name, config in spec.stages.items()]
     groups = [g for plan in plans for g in plan.groups]
     member_cpus = max((g.cpus for g in groups), default=0.0) or 1.0  # no Ray stage: one small worker
@@ -81,52 +87,45 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
            overrides: list[str] | None = None, command: str = "run", **options) -> list[dict]:
     """The ConfigMap and the RayJob for a pipeline; ``options`` override ``spec.kubernetes`` fields.
 
-    ``command`` is the rayalign subcommand the job runs: ``run`` or ``sweep``.
+    ``command`` is the rayalign subcommand the job runs: ``run`` or ``sweep``. With
+    ``cluster_selector`` the job runs on that existing RayCluster: the submitter pod mounts the
+    ConfigMap and uploads it as the job's ``working_dir`` (``ray job submit`` packs a local folder),
+    since the existing cluster's head does not mount it.
     """
-    k8s = spec.kubernetes.model_copy(update={k: v for k, v in options.items() if v is not None})
-    k8s = KubernetesConfig.model_validate(k8s.model_dump())
+    k8s = _options(spec, options)
     name = rayjob_name(spec.name)
     config_map = f"{name}-config"
-    entrypoint = ["rayalign", command, f"{CONFIG_MOUNT}/{config_file}"]
+    selector = k8s.cluster_selector
+    if selector and k8s.submission_mode != "K8sJobMode":
+        raise ValueError(f"cluster_selector needs submission_mode K8sJobMode, not {k8s.submission_mode}: its "
+                         f"submitter pod uploads the pipeline file to the existing cluster")
+    entrypoint = ["rayalign", command, config_file if selector else f"{CONFIG_MOUNT}/{config_file}"]
     for override in [*(overrides or []), JOIN_CLUSTER] + ([f"storage={k8s.storage_mount}/runs"]
                                                            if k8s.storage_claim else []):
         entrypoint += ["--set", override]
-    shape = cluster_shape(spec, k8s.gpus_per_pod)
-    env = pod_env(k8s)
-    storage_mounts = [{"name": "storage", "mountPath": k8s.storage_mount}] if k8s.storage_claim else []
-    storage_volumes = ([{"name": "storage", "persistentVolumeClaim": {"claimName": k8s.storage_claim}}]
-                       if k8s.storage_claim else [])
-
-    head = _head_container(k8s, env, storage_mounts)
-    worker = _worker_container(k8s, env, storage_mounts, shape)
-    rayjob = {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayJob",
-        "metadata": {"name": name, "namespace": k8s.namespace, "labels": _labels(spec)},
-        "spec": {
-            "entrypoint": shlex.join(entrypoint),
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
-            "rayClusterSpec": {
-                "rayVersion": k8s.ray_version,
-                "headGroupSpec": {
-                    # The head runs the job's driver (and sweep trial drivers); training goes to workers.
-                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-                    "template": {"spec": _pod_spec(k8s, [head], [
-                        {"name": "pipeline", "configMap": {"name": config_map}}, *storage_volumes])},
-                },
-                "workerGroupSpecs": [{
-                    "groupName": "gpu-workers" if shape.gpus else "cpu-workers",
-                    "replicas": shape.replicas,
-                    "minReplicas": shape.replicas,
-                    "maxReplicas": shape.replicas,
-                    "rayStartParams": {},
-                    "template": {"spec": _pod_spec(k8s, [worker], [
-                        {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *storage_volumes])},
-                }],
-            },
-        },
-    }
+    job: dict = {"entrypoint": shlex.join(entrypoint), "submissionMode": k8s.submission_mode}
+    if selector:  # the cluster outlives the job: no shutdown, so no TTL (which requires it)
+        job["shutdownAfterJobFinishes"] = False
+    else:
+        job["shutdownAfterJobFinishes"] = True
+        job["ttlSecondsAfterFinished"] = k8s.ttl_seconds_after_finished
+    if k8s.active_deadline_seconds is not None:
+        job["activeDeadlineSeconds"] = k8s.active_deadline_seconds
+    job["backoffLimit"] = k8s.backoff_limit
+    if k8s.submission_mode == "K8sJobMode":
+        job["submitterPodTemplate"] = submitter_template(k8s)
+    if selector:
+        job["clusterSelector"] = {CLUSTER_SELECTOR_KEY: selector}
+        spec_of_submitter = job["submitterPodTemplate"]["spec"]
+        spec_of_submitter["containers"][0]["volumeMounts"] = [{"name": "pipeline", "mountPath": CONFIG_MOUNT}]
+        spec_of_submitter["volumes"] = [{"name": "pipeline", "configMap": {"name": config_map}}]
+        job["runtimeEnvYAML"] = yaml.safe_dump(_selector_runtime_env(k8s), sort_keys=False)
+    else:
+        shape = cluster_shape(spec, k8s.gpus_per_pod, k8s.workers)
+        job["rayClusterSpec"] = {"rayVersion": k8s.ray_version, "headGroupSpec": head_group(k8s, config_map),
+                                 "workerGroupSpecs": [worker_group(k8s, shape)]}
+    rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
+              "metadata": {"name": name, "namespace": k8s.namespace, "labels": _labels(spec)}, "spec": job}
     configmap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -136,47 +135,16 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
     return [configmap, rayjob]
 
 
-def _head_container(k8s: KubernetesConfig, env: list[dict], storage_mounts: list[dict]) -> dict:
-    return {
-        "name": "ray-head",
-        "image": k8s.image,
-        "env": env,
-        "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}],
-        "resources": _resources(k8s.head_cpu, k8s.head_memory),
-        "volumeMounts": [{"name": "pipeline", "mountPath": CONFIG_MOUNT}, *storage_mounts],
-    }
+def _options(spec: PipelineSpec, options: dict) -> KubernetesConfig:
+    k8s = spec.kubernetes.model_copy(update={k: v for k, v in options.items() if v is not None})
+    return KubernetesConfig.model_validate(k8s.model_dump())
 
 
-def _worker_container(k8s: KubernetesConfig, env: list[dict], storage_mounts: list[dict],
-                      shape: ClusterShape) -> dict:
-    limits = {"cpu": _quantity(shape.cpus), "memory": k8s.worker_memory}
-    if shape.gpus:
-        limits["nvidia.com/gpu"] = str(shape.gpus)
-    return {
-        "name": "ray-worker",
-        "image": k8s.image,
-        "env": env,
-        "resources": {"limits": limits, "requests": dict(limits)},
-        # torch.distributed (gloo, NCCL) and DeepSpeed need more /dev/shm than a container's 64 MiB.
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *storage_mounts],
-    }
-
-
-def pod_env(k8s: KubernetesConfig) -> list[dict]:
-    """Every Ray process inherits these; a token comes from a Secret, never from the manifest."""
-    from pipeline.cluster import DRIVER_ENV
-
-    env = [{"name": key, "value": value} for key, value in DRIVER_ENV.items()]
-    env = [{"name": "HF_HUB_OFFLINE", "value": "1" if k8s.hub_offline else "0"} if e["name"] == "HF_HUB_OFFLINE"
-           else e for e in env]
-    if k8s.hf_token_secret:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k8s.hf_token_secret,
-                                                                       "key": "HF_TOKEN"}}})
-    if k8s.storage_claim:  # hub downloads and DeepSpeed's compiled ops: once per cluster, not per pod
-        env.append({"name": "HF_HOME", "value": f"{k8s.storage_mount}/hf_home"})
-        env.append({"name": "TORCH_EXTENSIONS_DIR", "value": f"{k8s.storage_mount}/torch_extensions"})
-    return env
+def _selector_runtime_env(k8s: KubernetesConfig) -> dict:
+    """The job's runtime env on an existing cluster: the mounted ConfigMap as working_dir (without the
+    ``..data`` links Kubernetes puts next to its files) and the drivers' environment."""
+    env = dict(DRIVER_ENV, HF_HUB_OFFLINE="1" if k8s.hub_offline else "0")
+    return {"working_dir": CONFIG_MOUNT, "excludes": ["..*"], "env_vars": env}
 
 
 def warnings(spec: PipelineSpec, k8s: KubernetesConfig) -> list[str]:
@@ -220,7 +188,7 @@ def render_file(config: str, overrides: list[str] | None = None, command: str = 
         resolve_sweep(spec)  # a bad search space fails here, not in the cluster
     text = Path(config).read_text()
     documents = render(spec, text, Path(config).name, overrides=overrides, command=command, **options)
-    k8s = spec.kubernetes.model_copy(update={k: v for k, v in options.items() if v is not None})
+    k8s = _options(spec, options)
     shown = ["rayalign", "k8s", config, *[f"--set={o}" for o in overrides or []]]
     if command != "run":
         shown += ["--command", command]
@@ -232,27 +200,10 @@ def render_file(config: str, overrides: list[str] | None = None, command: str = 
         f"  {shlex.join(shown)}",
         "Apply: kubectl apply -f THIS_FILE; follow: kubectl logs -f -l job-name=" + documents[1]["metadata"]["name"],
         "Needs the KubeRay operator (ray.io/v1; checked against v1.7.0's schema) and an image with rayalign",
-        "installed (k8s/Dockerfile).",
+        "installed (k8s/Dockerfile)." + (f" Runs on the existing RayCluster {k8s.cluster_selector!r}."
+                                         if k8s.cluster_selector else ""),
     ]
     return to_yaml(documents, header), warnings(spec, k8s)
-
-
-def _pod_spec(k8s: KubernetesConfig, containers: list[dict], volumes: list[dict]) -> dict:
-    spec: dict = {}
-    if k8s.service_account:
-        spec["serviceAccountName"] = k8s.service_account
-    spec["containers"] = containers
-    spec["volumes"] = volumes
-    return spec
-
-
-def _resources(cpu: str, memory: str) -> dict:
-    return {"limits": {"cpu": cpu, "memory": memory}, "requests": {"cpu": cpu, "memory": memory}}
-
-
-def _quantity(cpus: float) -> str:
-    """A CPU count as a Kubernetes quantity string (floats are rejected by the API server)."""
-    return str(int(cpus)) if float(cpus).is_integer() else f"{math.ceil(cpus * 1000)}m"
 
 
 def _labels(spec: PipelineSpec) -> dict:

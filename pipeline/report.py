@@ -33,8 +33,9 @@ from pipeline.store import MANIFEST, Artifact, ArtifactStore, now
 # --------------------------------------------------------------------------- reading the store
 
 
-def collect(spec: PipelineSpec) -> list[Node]:
-    """Every node of the DAG with its status and (when there is one) its manifest."""
+def collect(spec: PipelineSpec, inputs: dict[str, str] | None = None) -> list[Node]:
+    """Every node of the DAG with its status and (when there is one) its manifest; ``inputs``: the
+    run's ``--input`` folders (the stages after them are fingerprinted against those)."""
     from pipeline.dag import build_dag
 
     store = ArtifactStore(spec.run_root())
@@ -42,7 +43,7 @@ def collect(spec: PipelineSpec) -> list[Node]:
     try:
         from pipeline.runner import plan
 
-        the_plan = plan(spec)
+        the_plan = plan(spec, inputs=inputs)
         fingerprints, cached = the_plan.fingerprints, the_plan.cached
     except Exception:  # noqa: BLE001 - e.g. a data file gone: report what the store holds
         fingerprints, cached = {}, {}
@@ -55,6 +56,8 @@ def collect(spec: PipelineSpec) -> list[Node]:
         if artifact is not None:
             status = "external" if artifact.manifest.get("kind") == "external" else "complete"
             manifest, path = artifact.manifest, artifact.path
+            if gate_blocks(manifest):
+                status = "gated"
         else:
             attempts = store.attempts(name, fp) if fp else []
             partial = attempts[0] / MANIFEST if attempts else None
@@ -66,23 +69,35 @@ def collect(spec: PipelineSpec) -> list[Node]:
                     pass
             if status == "pending" and (latest := store.latest(name)) is not None:
                 status, manifest, path = "stale", latest.manifest, latest.path
+            if status == "pending" and any(n.name in dag.parents[name].values() and n.status in ("gated", "blocked")
+                                           for n in nodes):
+                status = "blocked"  # a failed gate upstream stopped it
         nodes.append(Node(name, kind, dict(dag.parents[name]), fp or manifest.get("fingerprint"), status,
                           manifest, path))
     return nodes
 
 
-def sweep_results(spec: PipelineSpec) -> list[dict]:
+def gate_blocks(manifest: dict) -> bool:
+    gate = manifest.get("gate") or {}
+    return bool(gate) and not gate.get("passed") and not gate.get("ignored")
+
+
+def gate_note(manifest: dict) -> str:
+    """The gate's checks in one line: ``heldout_accuracy >= 0.65 (0.52) failed``."""
+    checks = (manifest.get("gate") or {}).get("checks", [])
+    return "; ".join(f"{c['condition']} ({'n/a' if c.get('left') is None else format(c['left'], '.4g')}) "
+                     f"{'passed' if c.get('passed') else 'failed'}" for c in checks)
+
+
+def sweep_results(nodes: list[Node]) -> list[dict]:
+    """Every swept stage's trial table (its manifest's ``sweep``) and plot (``sweep.png`` beside it)."""
     out = []
-    for folder in sorted((spec.run_root() / "sweeps").glob("*")):
-        results = folder / "results.json"
-        png = folder / "results.png"
-        if not results.exists() and not png.exists():
+    for node in nodes:
+        results = node.manifest.get("sweep")
+        if not results or node.path is None:
             continue
-        try:
-            data = json.loads(results.read_text()) if results.exists() else {}
-        except json.JSONDecodeError:
-            data = {}
-        out.append({"name": folder.name, "results": data, "png": png.read_bytes() if png.exists() else None})
+        png = Path(node.path) / "sweep.png"
+        out.append({"name": node.name, "results": results, "png": png.read_bytes() if png.exists() else None})
     return out
 
 
@@ -199,6 +214,8 @@ def render_html(spec: PipelineSpec, nodes: list[Node], dag_figure: Figure, secti
         inputs = ", ".join(f"{role}={p}" for role, p in node.parents.items()) or "–"
         color = STATUS_COLORS.get(node.status, "#757575")
         error = f"<div class='muted'>{_e(node.manifest.get('error', ''))[:300]}</div>" if node.status == "failed" else ""
+        if node.manifest.get("gate"):
+            error += f"<div class='muted gate'>gate: {_e(gate_note(node.manifest))}</div>"
         out.append(f"<tr data-stage='{_e(node.name)}'><td><b>{_e(node.name)}</b></td><td>{_e(_kind(node))}</td>"
                    f"<td>{_e(inputs)}</td><td><span class='status' style='background:{color}'>{_e(node.status)}</span>"
                    f"{error}</td><td><code>{_e(node.fingerprint or '–')}</code></td>"
@@ -301,14 +318,17 @@ def sweep_html(sweep: dict) -> list[str]:
         parts.append(_img(Figure(f"sweep-{sweep['name']}", f"sweep {sweep['name']}", sweep["png"])))
     trials = results.get("trials") or []
     if trials:
+        parts.append(f"<p class='muted'>{len(trials)} trials ({_e(results.get('search'))}, seed "
+                     f"{_e(results.get('seed'))}), {_e(results.get('stopped_early', 0))} stopped early by "
+                     f"{_e((results.get('scheduler') or {}).get('name'))}; ★ is the stage's output</p>")
         keys = list(dict.fromkeys(k for t in trials for k in (t.get("overrides") or {})))
-        parts.append("<table><tr><th>trial</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys)
+        parts.append("<table class='sweep'><tr><th>trial</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys)
                      + "<th>status</th><th>value</th></tr>")
-        best = (results.get("best") or {}).get("trial")
+        best = (results.get("best") or {}).get("fingerprint")
         for t in trials:
             value = t.get("value")
-            mark = " ★" if t.get("trial") == best else ""
-            parts.append(f"<tr><td>{_e(t.get('trial'))}{mark}</td>"
+            mark = " ★" if t.get("fingerprint") == best else ""
+            parts.append(f"<tr data-status='{_e(t.get('status'))}'><td><code>{_e(t.get('fingerprint'))}</code>{mark}</td>"
                          + "".join(f"<td>{_e((t.get('overrides') or {}).get(k))}</td>" for k in keys)
                          + f"<td>{_e(t.get('status'))}</td><td class='num'>"
                          + (f"{value:.4g}" if is_finite_number(value) else "–") + "</td></tr>")
@@ -323,7 +343,8 @@ def render_markdown(spec: PipelineSpec, nodes: list[Node], sections: list[dict],
              "|---|---|---|---|---|---|"]
     for node in nodes:
         inputs = ", ".join(f"{r}={p}" for r, p in node.parents.items()) or "–"
-        lines.append(f"| {node.name} | {_kind(node)} | {inputs} | {node.status} | `{node.fingerprint or '–'}` | "
+        gate = f" (gate: {gate_note(node.manifest)})" if node.manifest.get("gate") else ""
+        lines.append(f"| {node.name} | {_kind(node)} | {inputs} | {node.status}{gate} | `{node.fingerprint or '–'}` | "
                      f"{_duration(node.manifest.get('seconds'))} |")
     for section in sections:
         lines += ["", f"## {section['title']}", ""] + section.get("markdown", [])
@@ -347,18 +368,25 @@ def render_markdown(spec: PipelineSpec, nodes: list[Node], sections: list[dict],
         key = f"sweep-{sweep['name']}"
         if key in images:
             lines.append(f"![sweep]({images[key]})")
-        best = (sweep["results"].get("best") or {})
-        if best:
-            lines.append(f"Best: {best.get('overrides')} -> {best.get('value')}")
+        results = sweep["results"]
+        keys = list(dict.fromkeys(k for t in results.get("trials", []) for k in t.get("overrides", {})))
+        lines += ["", "| " + " | ".join(keys) + f" | status | {results.get('metric')} |",
+                  "|---" * (len(keys) + 2) + "|"]
+        best = (results.get("best") or {}).get("fingerprint")
+        for t in results.get("trials", []):
+            value = t.get("value")
+            lines.append("| " + " | ".join(str(t["overrides"].get(k)) for k in keys) + f" | {t.get('status')}"
+                         + (" ★" if t.get("fingerprint") == best else "") + " | "
+                         + (f"{value:.4g}" if is_finite_number(value) else "–") + " |")
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def build_report(spec: PipelineSpec) -> Path:
+def build_report(spec: PipelineSpec, inputs: dict[str, str] | None = None) -> Path:
     """Write ``<run>/report/index.html`` and ``report.md`` from the store; returns the HTML's path."""
-    nodes = collect(spec)
+    nodes = collect(spec, inputs)
     dag_figure = Figure("dag", "pipeline", plot_dag(nodes))
     sections: list[dict] = []
     for node in nodes:
@@ -383,7 +411,7 @@ def build_report(spec: PipelineSpec) -> Path:
     if curve_figures:
         sections.append({"id": "curves", "title": "Training curves", "html": [_img(f) for f in curve_figures],
                          "figures": curve_figures})
-    sweeps = sweep_results(spec)
+    sweeps = sweep_results(nodes)
 
     out = spec.run_root() / "report"
     (out / "img").mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STATUS_COLORS = {"complete": "#2e7d32", "external": "#1565c0", "stale": "#ef6c00", "running": "#6a1b9a",
-                 "failed": "#c62828", "pending": "#757575"}
+                 "failed": "#c62828", "pending": "#757575", "gated": "#f9a825", "blocked": "#8d6e63"}
 CURVE_PRIORITY = ("loss", "eval_loss", "reward_mean", "kl", "learning_rate", "lr", "grad_norm")
 MAX_CURVES = 12
 

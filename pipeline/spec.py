@@ -1,6 +1,6 @@
 """The pipeline spec: one YAML file, loaded into typed, validated models.
 
-The pipeline-level sections (ray, kubernetes, sweep) live here; each stage kind's config class lives
+The pipeline-level sections (ray, kubernetes) live here; each stage kind's config class lives
 with its stage and comes from ``stages.registry``, the sections stages share from ``stages.config``.
 This module owns loading, ``--set`` overrides and the did-you-mean messages. A pipeline file looks like::
 
@@ -72,7 +72,9 @@ class KubernetesConfig(ConfigModel):
     )
     storage_mount: str = Field("/mnt/rayalign", description="Where the claim is mounted; storage becomes <mount>/runs.")
     ray_version: str = "2.60.0"
-    ttl_seconds_after_finished: int = Field(3600, ge=0, description="Delete the RayJob this long after it ends.")
+    ttl_seconds_after_finished: int = Field(
+        3600, ge=0, description="Delete the job's Ray cluster this long after the job ends (the RayJob object stays)."
+    )
     head_cpu: str = "2"
     head_memory: str = "8Gi"
     worker_memory: str = Field("8Gi", description="Memory of each worker pod (one Ray Train worker per pod).")
@@ -83,55 +85,26 @@ class KubernetesConfig(ConfigModel):
     gpus_per_pod: int | None = Field(
         None, ge=1, description="GPUs per worker pod (e.g. 8: a node's NVLink for NCCL); default one Ray member's."
     )
-
-
-class SearchDimension(ConfigModel):
-    """One swept value: exactly one of grid (every value), choice, uniform, loguniform, randint (sampled)."""
-
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = Field(None, description="[low, high): high is excluded.")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SearchDimension:
-        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
-        values = getattr(self, given[0])
-        if given[0] in ("grid", "choice") and not values:
-            raise ValueError(f"{given[0]}: needs at least one value")
-        if given[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
-            raise ValueError(f"{given[0]}: expected [low, high] with low < high")
-        if given[0] == "loguniform" and values[0] <= 0:
-            raise ValueError("loguniform: low must be > 0")
-        return self
-
-
-class SweepConfig(ConfigModel):
-    """A Ray Tune sweep over one stage's settings (``rayalign sweep``; see pipeline/sweep.py)."""
-
-    stage: str | None = Field(None, description="The stage to sweep (or --stage).")
-    search_space: dict[str, SearchDimension] = Field(
-        default_factory=dict,
-        description="Stage key path (peft.r, train.lr, ...) -> values; a plain list is a grid. "
-                    "Empty: a grid of the stage's lr x 1/3, 1, 3.",
+    workers: int | None = Field(
+        None, ge=1, description="Worker pods (replicas); default: as many as the largest stage needs, and no fewer."
     )
-    metric: str = Field("final_loss", description="A stage metric from its manifest: final_loss, best_eval_loss, ...")
-    mode: Literal["min", "max"] = "min"
-    num_samples: int = Field(1, ge=1, description="Samples per grid point (Tune's num_samples).")
-    max_concurrent_trials: int = Field(1, ge=1, description="Trials in flight; each needs its stage's full scaling.")
-    trial_cpus: float = Field(
-        0.0, ge=0.0, description="CPUs held by each trial's driver; 0: it holds only memory, leaving CPUs to workers."
+    cpu_headroom: int = Field(
+        1, ge=0, description="CPUs per worker container beyond those Ray schedules (raylet, object store, loaders)."
     )
-
-    @field_validator("search_space", mode="before")
-    @classmethod
-    def _grid_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: {"grid": v} if isinstance(v, list) else v for k, v in value.items()}
-        return value
+    submission_mode: Literal["K8sJobMode", "HTTPMode", "SidecarMode"] = Field(
+        "K8sJobMode", description="How KubeRay submits the job: a submitter pod (K8sJobMode), the operator, a sidecar."
+    )
+    active_deadline_seconds: int | None = Field(
+        86400, ge=1, description="The job fails when it has run this long (KubeRay activeDeadlineSeconds); null: none."
+    )
+    backoff_limit: int = Field(
+        1, ge=0, description="Retries of a failed job, each on a new Ray cluster (finished stages stay cached)."
+    )
+    run_as_user: int = Field(1000, ge=1, description="Non-root uid of every container (the Ray image's `ray`).")
+    run_as_group: int = Field(100, ge=0, description="gid and fsGroup of every pod (the Ray image's `users`).")
+    cluster_selector: str | None = Field(
+        None, description="Run on this existing RayCluster (clusterSelector ray.io/cluster) instead of a new one."
+    )
 
 
 class PipelineSpec(ConfigModel):
@@ -142,11 +115,19 @@ class PipelineSpec(ConfigModel):
     base: BaseConfig = BaseConfig()
     tracking: TrackingConfig = TrackingConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
-    sweep: SweepConfig = SweepConfig()
     stages: dict[str, StageConfig] = Field(default_factory=dict)
 
     # Where the file was read from; relative paths resolve against its folder.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sweep_lives_in_its_stage(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "sweep" in raw:
+            stage = (raw["sweep"] or {}).get("stage", "<stage>") if isinstance(raw["sweep"], dict) else "<stage>"
+            raise ValueError(f"sweep: a sweep is a section of the stage it sweeps: move it to stages.{stage}.sweep "
+                             f"(without stage:)")
+        return raw
 
     @field_validator("stages")
     @classmethod

@@ -148,6 +148,11 @@ class ArtifactStore:
             os.rename(partial, final)
         return Artifact(stage=stage, fingerprint=fingerprint, path=final, manifest=manifest)
 
+    def record_gate(self, artifact: Artifact, gate: dict) -> None:
+        """Write a gate's outcome into a complete artifact's manifest (atomically; the files stay as they are)."""
+        artifact.manifest["gate"] = gate  # the run's copy too: the report and the CLI read it
+        write_json(artifact.path / MANIFEST, artifact.manifest)
+
     def mark_damaged(self, artifact: Artifact, problems: list[str]) -> None:
         """Take a damaged artifact out of use (the next run reruns it), keeping its files for inspection."""
         write_json(artifact.path / MANIFEST, {**artifact.manifest, "status": "damaged", "damage": problems})

@@ -1,122 +1,102 @@
-"""Hyperparameter sweeps of one stage with Ray Tune: ``rayalign sweep CONFIG [--stage sft]``.
+"""A sweep as a node of the DAG: Ray Tune over one training stage's settings; the best trial's model
+is the stage's output (``stages.<name>.sweep``, see ``stages.sweep_config``).
 
 The Ray Train V2 pattern (Ray's "Hyperparameter Tuning with Ray Tune" guide): a ``Tuner`` runs
-``train_driver_fn`` once per trial; each trial applies its overrides to the stage config and runs
-the stage through the normal runner, whose launcher builds and fits the stage's ``TorchTrainer``.
-So every trial is an ordinary stage run: its artifact lands in the store under its own
-fingerprint, a rerun of the sweep finds every finished trial cached, and the best trial's
-settings given to ``rayalign run --set ...`` reuse its artifact instead of training again.
+:func:`run_trial` once per trial; each trial is an ordinary run of the stage with its overrides
+(``pipeline.stage_run``): its artifact lands in the store under its own fingerprint, so a trial that
+finished before is a cache hit. Inside a trial the stage's workers report the metric at every logging
+step (``stages.tune_report``), which is what lets ASHA stop a bad trial early; a stopped trial is
+recorded as ``stopped``, not failed.
 
-A ``sweep:`` section in the pipeline file::
-
-    sweep:
-      stage: sft
-      metric: final_loss            # any numeric metric of the stage's manifest
-      mode: min
-      search_space:
-        peft.r: [8, 16]             # a list is a grid
-        train.lr: {loguniform: [1.0e-5, 1.0e-3]}
-        train.lr_schedule: {choice: [cosine, linear]}
-      num_samples: 2                # samples per grid point
-      max_concurrent_trials: 1      # each trial needs the stage's whole scaling section
-
-Outputs, under ``<storage>/<name>/sweeps/<stage>/``: ``results.json`` (every trial's overrides,
-metrics, fingerprint and artifact, and the best one with the ``--set`` flags that reuse it),
-``results.png`` (the metric against lr, one line per LoRA rank) and ``tune/`` (Tune's own files).
+The sweep node's fingerprint covers the stage config with its ``sweep:`` section (space, search,
+seed, metric, scheduler), so a finished sweep is one cache hit, and a rerun launches no trial. An
+interrupted sweep resumes with ``Tuner.restore`` from ``<stage>/.sweep-<fingerprint>/``. When it
+completes, the best trial's files are hard-linked into the sweep's artifact (a copy where links
+cannot be made), whose manifest lists every trial (overrides, metric curve, status, fingerprint)
+and the best; downstream stages consume it like any other artifact.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from pydantic import BaseModel, ValidationError
-
-from pipeline.dag import build_dag
-from pipeline.runner import RunError, log, plan, run_pipeline
-from pipeline.spec import PipelineSpec, SearchDimension, SpecError, parse_stage
-from stages.config import TrainingStageConfig
-from pipeline.store import now, write_json
+from pipeline.dag import DAG
+from pipeline.spec import PipelineSpec, SpecError
+from pipeline.stage_run import RunError, run_exclusively, stage_fingerprint
+from pipeline.store import MANIFEST, Artifact, ArtifactStore
+from stages.log import log
+from stages.stage import StageContext, StageResult
+from stages.sweep_config import SearchDimension, checked_space, trial_config
+from stages.tune_report import TUNE_METRIC_ENV
 
 # Logical memory each trial's driver reserves instead of a CPU (it only waits on its Train workers).
 TRIAL_MEMORY_BYTES = 256 * 1024**2
-
-
-def sweep_dir(spec: PipelineSpec, stage: str) -> Path:
-    return spec.run_root() / "sweeps" / stage
-
-
-# --------------------------------------------------------------------------- the search space
+SWEEP_PLOT = "sweep.png"
+# What a trial's manifest says about the stage run, not about the model: not carried to the sweep's.
+RUN_KEYS = {"stage", "fingerprint", "status", "inputs", "input_roles", "config", "fingerprint_parts", "started",
+            "finished", "versions", "files", "seconds", "gate", "trust_remote_code", "metrics", "curves", "data",
+            "kind"}
 
 
 def resolve_sweep(spec: PipelineSpec, stage: str | None = None) -> tuple[str, dict[str, SearchDimension]]:
-    """The stage to sweep and its validated search space (key paths checked against the stage's config)."""
-    stage = stage or spec.sweep.stage
-    if not stage:
-        raise SpecError("sweep: no stage to sweep; set sweep.stage or pass --stage")
+    """The stage to sweep (``--stage``, else the one stage with a ``sweep:``) and its checked space."""
+    swept = [name for name, config in spec.stages.items() if getattr(config, "sweep", None) is not None]
+    if stage is None:
+        if len(swept) != 1:
+            raise SpecError("no stage has a sweep: section (add stages.<name>.sweep)" if not swept else
+                            f"several stages have a sweep ({', '.join(swept)}); pass --stage")
+        stage = swept[0]
     if stage not in spec.stages:
-        raise SpecError(f"sweep.stage: {stage!r} is not a stage of this pipeline (stages: {', '.join(spec.stages)})")
-    config = spec.stages[stage]
-    if not isinstance(config, TrainingStageConfig):
-        raise SpecError(f"sweep.stage: {stage!r} ({config.kind}) does not train; only training stages can be swept")
-    space = dict(spec.sweep.search_space)
-    if not space:
-        lr = config.train.lr
-        space = {"train.lr": SearchDimension(grid=[lr / 3, lr, lr * 3])}
-    for key, dimension in list(space.items()):
-        _check_key_path(type(config), key)
-        if dimension.grid is not None or dimension.choice is not None:
-            # Validate each value now, and keep it as the config reads it (YAML reads 1e-3 as a string).
-            values = [_coerce(config, key, value, stage) for value in dimension.grid or dimension.choice]
-            space[key] = SearchDimension(**{"grid" if dimension.grid is not None else "choice": values})
-    _check_metric(spec.sweep.metric, config, stage)
-    return stage, space
+        raise SpecError(f"--stage: {stage!r} is not a stage of this pipeline (stages: {', '.join(spec.stages)})")
+    if stage not in swept:
+        raise SpecError(f"stages.{stage} has no sweep: section"
+                        + (f" (stages with one: {', '.join(swept)})" if swept else ""))
+    return stage, checked_space(spec.stages[stage])
 
 
-def _check_key_path(model: type[BaseModel], key: str) -> None:
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        fields = {f.alias or name: f for name, f in model.model_fields.items()}
-        field = fields.get(part)
-        if field is None or part in ("kind", "from"):
-            raise SpecError(f"sweep.search_space.{key}: {part!r} is not a sweepable key of "
-                            f"{'.'.join(parts[:i]) or 'the stage'} (keys: {', '.join(sorted(fields))})")
-        annotation = field.annotation
-        if i < len(parts) - 1:
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                raise SpecError(f"sweep.search_space.{key}: {part!r} is a value, not a section")
-            model = annotation
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            raise SpecError(f"sweep.search_space.{key}: {part!r} is a section; sweep one of its keys")
+def trial_spec(spec: PipelineSpec, stage: str, overrides: dict[str, Any]) -> PipelineSpec:
+    """The pipeline as one trial sees it: the stage's overrides applied (no sweep), storage made absolute."""
+    copy = spec.model_copy(deep=True)
+    copy.storage = str(spec.storage_root())
+    copy.stages = {**spec.stages, stage: trial_config(spec.stages[stage], overrides)}
+    return copy
 
 
-def _coerce(config: TrainingStageConfig, key: str, value: Any, stage: str) -> Any:
-    try:
-        node: Any = _apply(config, {key: value}, stage)
-    except SpecError as err:
-        raise SpecError(f"sweep.search_space.{key}: value {value!r} is not valid: {err}") from None
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+def set_flags(stage: str, overrides: dict[str, Any]) -> list[str]:
+    """``--set`` values that give a pipeline without the sweep the trial's config (and fingerprint)."""
+    return [f"stages.{stage}.{key}={_yaml_scalar(value)}" for key, value in overrides.items()]
 
 
-def _check_metric(metric: str, config: TrainingStageConfig, stage: str) -> None:
-    """Eval metrics need held-out data; catch that before any trial trains."""
-    if "eval" in metric and config.data.eval_path is None and config.data.eval_fraction == 0:
-        raise SpecError(f"sweep.metric: {metric!r} needs eval data, but stages.{stage}.data has neither "
-                        f"eval_path nor eval_fraction (or sweep final_loss)")
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, float):
+        text = repr(value)  # shortest exact form; YAML 1.1 reads 1e-05 as a string, 1.0e-05 as a float
+        return text.replace("e", ".0e") if "e" in text and "." not in text else text
+    return str(value)
 
 
-def param_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
-    """Our search space as Tune's ``param_space`` (flat: stage key path -> Tune domain)."""
+def grid_points(space: dict[str, SearchDimension]) -> list[dict[str, Any]] | None:
+    """Every trial's overrides when the space is all grids (what ``rayalign plan`` lists), else None."""
+    import itertools
+
+    if any(d.grid is None for d in space.values()):
+        return None
+    keys = list(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[k].grid for k in keys))]
+
+
+def param_space(space: dict[str, SearchDimension], search: str) -> dict[str, Any]:
+    """The space as Tune's ``param_space``; a random search draws from a grid's values as a choice."""
     from ray import tune
 
     result = {}
     for key, dim in space.items():
         if dim.grid is not None:
-            result[key] = tune.grid_search(list(dim.grid))
+            result[key] = tune.grid_search(list(dim.grid)) if search == "grid" else tune.choice(list(dim.grid))
         elif dim.choice is not None:
             result[key] = tune.choice(list(dim.choice))
         elif dim.uniform is not None:
@@ -128,187 +108,220 @@ def param_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
     return result
 
 
-def _apply(config: TrainingStageConfig, overrides: dict[str, Any], stage: str) -> TrainingStageConfig:
-    """The stage config with ``key.path: value`` overrides, validated like a config read from YAML.
-
-    Built from the keys the user set (``exclude_unset``), so a trial's config equals the config a
-    pipeline file with the same values gives, and so has the same fingerprint.
-    """
-    raw = config.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if isinstance(node, str):  # the data: shorthand
-                node = {"path": node}
-        node[last] = value
-    try:
-        return parse_stage(stage, {**raw, "kind": config.kind})
-    except ValidationError as err:
-        raise SpecError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+def describe_trials(spec: PipelineSpec, node: str, upstream: dict[str, str]) -> list[str]:
+    """``rayalign plan``'s lines for a swept stage: the search, and each grid trial with its fingerprint
+    and whether the store holds it (``upstream``: role -> fingerprint)."""
+    sweep = spec.stages[node].sweep
+    space = checked_space(spec.stages[node])
+    points = grid_points(space) if sweep.search == "grid" else None
+    count = f"{len(points) * sweep.num_samples} trials" if points is not None else f"{sweep.num_samples} draws"
+    lines = [f"sweep: {count} ({sweep.search}, seed {sweep.seed}) of {', '.join(space)} -> {sweep.mode} "
+             f"{sweep.metric}; scheduler {sweep.scheduler.name}"]
+    store = ArtifactStore(spec.run_root())
+    for overrides in points or []:
+        fp = stage_fingerprint(trial_spec(spec, node, overrides), node, upstream)
+        lines.append(f"  trial {fp}  {'cached' if store.find(node, fp) else 'to run':<7} {overrides}")
+    return lines
 
 
-def trial_spec(spec: PipelineSpec, stage: str, overrides: dict[str, Any]) -> PipelineSpec:
-    """The pipeline as one trial sees it: the stage's overrides applied, storage made absolute."""
-    copy = spec.model_copy(deep=True)
-    copy.storage = str(spec.storage_root())
-    copy.stages = {**spec.stages, stage: _apply(spec.stages[stage], overrides, stage)}
-    return copy
+# --------------------------------------------------------------------------- one trial (a Tune trainable)
 
 
-def set_flags(stage: str, overrides: dict[str, Any]) -> list[str]:
-    """``--set`` values that make ``rayalign run`` use (and find cached) a trial's artifact."""
-    return [f"stages.{stage}.{key}={_yaml_scalar(value)}" for key, value in overrides.items()]
-
-
-def _yaml_scalar(value: Any) -> str:
-    if isinstance(value, float):
-        text = repr(value)  # shortest exact form; YAML 1.1 reads 1e-05 as a string, 1.0e-05 as a float
-        return text.replace("e", ".0e") if "e" in text and "." not in text else text
-    return str(value)
-
-
-# --------------------------------------------------------------------------- Tune
-
-
-def train_driver_fn(config: dict, spec: PipelineSpec, stage: str, cwd: str) -> None:
-    """One Tune trial: run the stage with this trial's settings and report its final metrics."""
+def run_trial(params: dict, *, spec: PipelineSpec, node: str, dag: DAG, upstream: dict[str, Artifact],
+              cwd: str) -> None:
+    """One Tune trial: the stage with this trial's settings, through the store; reports its final metrics."""
     from ray import tune
 
     if os.path.isdir(cwd):  # Tune starts trials in their own folder; relative data paths need ours
         os.chdir(cwd)
-    overrides = {key: config[key] for key in config}
-    the_spec = trial_spec(spec, stage, overrides)
-    cached = plan(the_spec, only=[stage]).cached[stage] is not None
-    artifact = run_pipeline(the_spec, only=[stage])[stage]
+    sweep = spec.stages[node].sweep
+    os.environ[TUNE_METRIC_ENV] = f"{sweep.metric}:{sweep.step_metric() or sweep.metric}"
+    the_spec = trial_spec(spec, node, {key: params[key] for key in sweep.search_space})
+    fp = stage_fingerprint(the_spec, node, {role: upstream[p].fingerprint for role, p in dag.parents[node].items()})
+    store = ArtifactStore(the_spec.run_root())
+    artifact = store.find(node, fp)
+    cached = artifact is not None
+    if artifact is None:
+        inputs = {parent: upstream[parent] for parent in dag.parents[node].values()}
+        artifact = run_exclusively(the_spec, dag, node, fp, inputs, store, forced=False, wait=True)
     metrics = {k: v for k, v in artifact.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if spec.sweep.metric not in metrics:
-        raise RunError(f"stage {stage!r} reported no {spec.sweep.metric!r}; its metrics: {', '.join(sorted(metrics))}")
-    tune.report({**metrics, "fingerprint": artifact.fingerprint, "artifact": str(artifact.path), "cached": cached})
+    if sweep.metric not in metrics:
+        raise RunError(f"stage {node!r} reported no {sweep.metric!r}; its metrics: {', '.join(sorted(metrics))}")
+    tune.report({sweep.metric: metrics[sweep.metric], "step": metrics.get("global_step", 0),
+                 "fingerprint": artifact.fingerprint, "artifact": str(artifact.path), "cached": cached})
 
 
-def run_sweep(spec: PipelineSpec, stage: str | None = None, *, num_samples: int | None = None,
-              max_concurrent_trials: int | None = None) -> dict:
-    """Run the sweep; returns (and writes) the results table. Upstream stages run first, once."""
-    import ray
+# --------------------------------------------------------------------------- the sweep node
+
+
+def sweep_runner(spec: PipelineSpec, dag: DAG, node: str, artifacts: dict[str, Artifact],
+                 store: ArtifactStore) -> Callable[[StageContext], StageResult]:
+    """How ``pipeline.stage_run`` runs a swept stage: the sweep, then the best trial promoted."""
+
+    def run(ctx: StageContext) -> StageResult:
+        upstream = {parent: artifacts[parent] for parent in dag.parents[node].values()}
+        results = run_sweep(spec, dag, node, ctx, upstream, store)
+        best = Artifact(node, results["best"]["fingerprint"], Path(results["best"]["artifact"]),
+                        json.loads((Path(results["best"]["artifact"]) / MANIFEST).read_text()))
+        link_tree(best.path, ctx.work_dir)
+        plot_sweep(results, ctx.work_dir / SWEEP_PLOT)
+        manifest = {k: v for k, v in best.manifest.items() if k not in RUN_KEYS}
+        return StageResult(metrics=best.manifest.get("metrics", {}), curves=best.manifest.get("curves", {}),
+                           data=best.manifest.get("data", {}), manifest={**manifest, "sweep": results})
+
+    return run
+
+
+def run_sweep(spec: PipelineSpec, dag: DAG, node: str, ctx: StageContext, upstream: dict[str, Artifact],
+              store: ArtifactStore) -> dict:
+    """Run (or resume) the sweep's Tune experiment; returns the trial table with the best trial."""
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline.cluster import ensure_ray
-
-    stage, space = resolve_sweep(spec, stage)
-    sweep = spec.sweep
-    out = sweep_dir(spec, stage)
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_ray(spec)
-
-    # Upstream stages run here, once, so that trials never race to build them.
-    dag = build_dag(spec)
-    run_pipeline(spec, only=[node for node in dag.order if node in dag.upstream_closure({stage}) - {stage}])
-
-    trainable = tune.with_parameters(train_driver_fn, spec=spec, stage=stage, cwd=os.getcwd())
+    config = spec.stages[node]
+    sweep = config.sweep
+    space = checked_space(config)
+    ctx.run.connect_ray()
+    experiments = store.stage_dir(node) / f".sweep-{ctx.fingerprint}"  # outlives attempts: Tuner.restore
+    name = "tune"
+    trainable = tune.with_parameters(run_trial, spec=spec, node=node, dag=dag, upstream=upstream, cwd=os.getcwd())
     trainable = tune.with_resources(trainable, {"cpu": sweep.trial_cpus, "memory": TRIAL_MEMORY_BYTES})
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space(space),
-        tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
-            num_samples=num_samples or sweep.num_samples,
-            max_concurrent_trials=max_concurrent_trials or sweep.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{stage}-{now().replace(':', '').replace('-', '')[:15]}",
-            storage_path=str(out / "tune"),
-            verbose=1,
-        ),
-    )
-    log(f"sweep {stage}: {', '.join(space)} -> {sweep.metric} ({sweep.mode}) on Ray {ray.__version__}")
-    grid = tuner.fit()
-    results = results_table(spec, stage, space, grid)
-    write_json(out / "results.json", results)
-    plot_results(results, out / "results.png")
+    if tune.Tuner.can_restore(str(experiments / name)):
+        log(f"{node}: resuming the sweep in {experiments / name} (finished trials are kept)")
+        tuner = tune.Tuner.restore(str(experiments / name), trainable, resume_errored=True)
+    else:
+        scheduler = None
+        if sweep.scheduler.name == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=sweep.scheduler.grace_period,
+                                      reduction_factor=sweep.scheduler.reduction_factor, max_t=sweep.scheduler.max_t)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(space, sweep.search),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=scheduler,
+                # The generator itself limits concurrency: Tune ignores max_concurrent_trials beside one.
+                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=str(experiments), verbose=0),
+        )
+    log(f"{node}: sweep of {', '.join(space)} ({sweep.search}, seed {sweep.seed}) -> {sweep.metric} "
+        f"({sweep.mode}), scheduler {sweep.scheduler.name}")
+    results = results_table(spec, node, dag, upstream, space, tuner.fit())
     if results["best"] is None:
-        raise RunError(f"sweep {stage}: every trial failed; see {out / 'results.json'}")
-    best = results["best"]
-    log(f"sweep {stage}: best {sweep.metric}={best['value']:.4g} with {best['overrides']} -> {best['artifact']}")
-    log(f"sweep {stage}: reuse it with: rayalign run CONFIG " + " ".join(f"--set {s}" for s in best["set"]))
+        raise RunError(f"sweep {node}: no trial finished; see {experiments / name}")
+    for trial in results["trials"]:
+        shown = f"{trial['value']:.4g}" if _is_number(trial.get("value")) else "–"
+        log(f"{node}:   {trial['status']:<8} {sweep.metric}={shown:<8} {trial['overrides']}")
+    log(f"{node}: best {sweep.metric}={results['best']['value']:.4g} with {results['best']['overrides']}")
     return results
 
 
-def results_table(spec: PipelineSpec, stage: str, space: dict[str, SearchDimension], grid) -> dict:
-    """Tune's ResultGrid as a JSON-able table; metrics come from each trial's manifest in the store."""
-    import json
-
-    metric, mode = spec.sweep.metric, spec.sweep.mode
+def results_table(spec: PipelineSpec, node: str, dag: DAG, upstream: dict[str, Artifact],
+                  space: dict[str, SearchDimension], grid) -> dict:
+    """Tune's ResultGrid as the manifest's table: per trial its overrides, fingerprint, status (ok,
+    stopped, error), the metric's curve as Tune saw it, and the metric from the trial's manifest."""
+    sweep = spec.stages[node].sweep
+    upstream_fps = {role: upstream[p].fingerprint for role, p in dag.parents[node].items()}
     trials = []
     for result in grid:
         overrides = {key: result.config[key] for key in space}
-        row: dict[str, Any] = {"trial": _trial_id(result), "overrides": overrides, "set": set_flags(stage, overrides)}
         reported = result.metrics or {}
-        if result.error is not None or "artifact" not in reported:
-            row.update(status="error", error=str(result.error or "no result reported")[:2000])
-        else:
-            manifest = json.loads((Path(reported["artifact"]) / "manifest.json").read_text())
-            row.update(status="ok", value=manifest["metrics"].get(metric), metrics=manifest["metrics"],
-                       fingerprint=reported["fingerprint"], artifact=reported["artifact"],
+        row: dict[str, Any] = {
+            "trial": str(reported.get("trial_id") or Path(str(getattr(result, "path", "?"))).name),
+            "overrides": overrides, "set": set_flags(node, overrides),
+            "fingerprint": stage_fingerprint(trial_spec(spec, node, overrides), node, upstream_fps),
+            "curve": _curve(result, sweep.metric),
+        }
+        if result.error is not None:
+            row.update(status="error", error=str(result.error)[:2000])
+        elif "artifact" in reported:  # the trial's own final report (Tune's "done" is set for stopped ones too)
+            manifest = json.loads((Path(reported["artifact"]) / MANIFEST).read_text())
+            row.update(status="ok", value=manifest["metrics"].get(sweep.metric), artifact=reported["artifact"],
                        cached=bool(reported.get("cached")), seconds=manifest.get("seconds"))
+        else:  # the scheduler stopped it: its last reported value
+            row.update(status="stopped", value=reported.get(sweep.metric))
         trials.append(row)
-    trials.sort(key=lambda r: r["trial"])
+    trials.sort(key=lambda r: json.dumps(r["overrides"], sort_keys=True, default=str))
     finished = [t for t in trials if t["status"] == "ok" and _is_number(t.get("value"))]
-    best = (min if mode == "min" else max)(finished, key=lambda t: t["value"]) if finished else None
-    stage_config = spec.stages[stage]
+    best = (min if sweep.mode == "min" else max)(finished, key=lambda t: t["value"]) if finished else None
     return {
-        "pipeline": spec.name,
-        "stage": stage,
-        "metric": metric,
-        "mode": mode,
+        "metric": sweep.metric, "mode": sweep.mode, "search": sweep.search, "seed": sweep.seed,
+        "scheduler": sweep.scheduler.model_dump(),
         "search_space": {k: v.model_dump(exclude_none=True) for k, v in space.items()},
-        "defaults": {"train.lr": stage_config.train.lr, "peft.r": stage_config.peft.r},
         "trials": trials,
+        "stopped_early": sum(t["status"] == "stopped" for t in trials),
         "best": best and {k: best[k] for k in ("trial", "overrides", "set", "value", "fingerprint", "artifact")},
-        "plot": "results.png",
-        "finished": now(),
     }
 
 
-def _trial_id(result) -> str:
-    return str((result.metrics or {}).get("trial_id") or Path(getattr(result, "path", "") or "?").name)
+def _curve(result, metric: str) -> list[dict]:
+    """The metric at each report the trial made (its logging steps, then the final value)."""
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is None or metric not in frame:
+        return []
+    steps = frame["step"] if "step" in frame else frame["training_iteration"]
+    return [{"step": int(s), "value": float(v)} for s, v in zip(steps, frame[metric]) if _is_number(v)]
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def plot_results(results: dict, path: Path) -> Path:
-    """The metric against lr (log scale), one line per LoRA rank; the best trial starred."""
+def link_tree(source: Path, target: Path) -> None:
+    """The best trial's files in the sweep's artifact: hard links (no second copy of the weights),
+    copies across filesystems. The trial's manifest stays with the trial."""
+    for file in sorted(Path(source).rglob("*")):
+        rel = file.relative_to(source)
+        if not file.is_file() or rel.parts[0] == MANIFEST:
+            continue
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest.unlink()
+        try:
+            os.link(file, dest)
+        except OSError:
+            shutil.copy2(file, dest)
+
+
+def plot_sweep(results: dict, path: Path) -> Path:
+    """The metric against LoRA rank and against schedule, and every trial's curve (stopped ones dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    defaults = results["defaults"]
-    finished = [t for t in results["trials"] if t["status"] == "ok" and _is_number(t.get("value"))]
-    by_rank: dict[Any, list[tuple[float, float]]] = {}
-    for i, trial in enumerate(finished):
-        lr = trial["overrides"].get("train.lr", defaults["train.lr"])
-        rank = trial["overrides"].get("peft.r", defaults["peft.r"])
-        by_rank.setdefault(rank, []).append((lr, trial["value"]))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for rank in sorted(by_rank, key=str):
-        points = sorted(by_rank[rank])
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"r={rank}")
-    best = results["best"]
-    if best is not None:
-        ax.plot([best["overrides"].get("train.lr", defaults["train.lr"])], [best["value"]], marker="*",
-                markersize=16, color="gold", markeredgecolor="black", linestyle="none", label="best")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
+    trials = [t for t in results["trials"] if _is_number(t.get("value"))]
+    keys = [k for k in ("peft.r", "train.lr_schedule") if any(k in t["overrides"] for t in trials)]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 3.8), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = sorted({str(t["overrides"].get(key)) for t in trials}, key=lambda v: (len(v), v))
+        for trial in trials:
+            x = values.index(str(trial["overrides"].get(key)))
+            stopped = trial["status"] == "stopped"
+            ax.scatter([x], [trial["value"]], marker="x" if stopped else "o", color="#9e9e9e" if stopped else "#1565c0")
+        ax.set_xticks(range(len(values)), values)
+        ax.set_xlabel(key)
+        ax.set_ylabel(results["metric"])
+        ax.grid(True, alpha=0.3)
+    ax = axes[0][-1]
+    best = (results.get("best") or {}).get("fingerprint")
+    for trial in results["trials"]:
+        if not trial["curve"]:
+            continue
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in trial["overrides"].items())
+        style = "--" if trial["status"] == "stopped" else "-"
+        ax.plot([p["step"] for p in trial["curve"]], [p["value"] for p in trial["curve"]], style,
+                linewidth=2.5 if trial["fingerprint"] == best else 1.2,
+                label=label + (" (stopped)" if trial["status"] == "stopped" else "") + (" ★" if trial["fingerprint"] == best else ""))
+    ax.set_xlabel("step")
     ax.set_ylabel(results["metric"])
-    ax.set_title(f"{results['pipeline']} / {results['stage']}: {len(finished)} trial(s), {results['mode']} is best")
     ax.grid(True, alpha=0.3)
-    if by_rank:
-        ax.legend(title="LoRA rank" if len(by_rank) > 1 else None)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"sweep: {len(results['trials'])} trials, {results['stopped_early']} stopped early "
+                 f"({results['mode']} {results['metric']} is best)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

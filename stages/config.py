@@ -1,24 +1,23 @@
 """The config sections every stage kind shares, and the base every stage config builds on.
 
-The bottom of ``stages``: it imports nothing from rayalign. A stage kind's own config class lives
-with the stage (``stages.sft.SFTConfig``, ``stages.ppo.config.PPOConfig``, ...); ``pipeline.spec``
-assembles the pipeline file from them through ``stages.registry``. Every default of a stage's
+The bottom of ``stages``: of rayalign it imports only leaves (``config_base``, ``gates``, ``sweep_config``). A stage kind's own
+config class lives with the stage (``stages.sft.SFTConfig``, ``stages.ppo.config.PPOConfig``, ...);
+``pipeline.spec`` assembles the pipeline file from them through ``stages.registry``. Every default of a stage's
 settings is a field default here or in the stage's config class.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
-
-class ConfigModel(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+from stages.config_base import ConfigModel
+from stages.gates import GateError, parse_condition
+from stages.sweep_config import SweepConfig
 
 
 def path_shorthand(value: Any) -> Any:
@@ -68,13 +67,38 @@ ChatTemplateChoice = Annotated[str | None, AfterValidator(known_chat_template)]
 
 
 class PeftConfig(ConfigModel):
-    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning"] = "lora"
+    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "bitfit"] = Field(
+        "lora", description="bitfit: only the model's biases train (stages.adaptation; peft has no BitFit).")
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] | None = None
     num_virtual_tokens: int = Field(16, ge=1, description="prompt_tuning only.")
+    use_rslora: bool = Field(False, description="lora/qlora/dora: rank-stabilised scaling alpha/sqrt(r) "
+                                                "instead of alpha/r.")
+    init: Literal["default", "pissa", "olora"] = Field(
+        "default", description="lora/qlora: the adapter's initialisation (peft init_lora_weights); pissa and olora "
+                               "move the principal part of each weight into the adapter (qlora: olora only).")
+    quant_bits: Literal[4, 8] = Field(4, description="qlora only: the frozen base in 4-bit NF4 or 8-bit (LLM.int8).")
+
+    @model_validator(mode="after")
+    def _options_fit_the_method(self) -> PeftConfig:
+        """The LoRA options only where peft takes them, with the field named."""
+        lora_family = ("lora", "qlora", "dora")
+        if self.use_rslora and self.method not in lora_family:
+            raise ValueError(f"peft.use_rslora applies to lora, qlora and dora, not {self.method!r}")
+        if self.init != "default":
+            if self.method not in ("lora", "qlora"):
+                raise ValueError(f"peft.init {self.init!r} applies to lora and qlora, not {self.method!r}"
+                                 + (" (DoRA's magnitude is not linear in the adapter, so the adapter cannot be "
+                                    "converted back onto the original base)" if self.method == "dora" else ""))
+            if self.method == "qlora" and self.init == "pissa":
+                raise ValueError("peft.init 'pissa' needs unquantized weights (peft refuses a 4/8-bit base): "
+                                 "use method lora, or init olora with qlora")
+        if self.quant_bits != 4 and self.method != "qlora":
+            raise ValueError(f"peft.quant_bits applies to qlora only, not {self.method!r}")
+        return self
 
     @field_validator("target_modules")
     @classmethod
@@ -93,7 +117,12 @@ class TrainConfig(ConfigModel):
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     lr: float = Field(2e-4, gt=0)
-    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr",
+                         "cosine_with_restarts"] = "cosine"
+    num_cycles: int = Field(1, ge=1, description="cosine_with_restarts only: cosine cycles, each restarting at lr.")
+    layer_lr_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="Layer i of L trains at lr * decay**(L - i), the embedding at "
+                                          "decay**(L + 1), head and final norm at lr (stages.optim).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -114,6 +143,12 @@ class TrainConfig(ConfigModel):
     def _one_length(self) -> TrainConfig:
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1.0
+        return self
+
+    @model_validator(mode="after")
+    def _cycles_need_restarts(self) -> TrainConfig:
+        if self.num_cycles != 1 and self.lr_schedule != "cosine_with_restarts":
+            raise ValueError(f"train.num_cycles applies to lr_schedule cosine_with_restarts, not {self.lr_schedule!r}")
         return self
 
 
@@ -153,15 +188,55 @@ class StageConfig(ConfigModel):
 
     kind: str
     from_: str | None = Field(None, alias="from", description="Upstream stage whose model this stage starts from.")
+    gate: list[str] = Field(
+        default_factory=list,
+        description="Conditions on this stage's metrics, checked when it completes, e.g. 'heldout_accuracy >= 0.65' "
+                    "(stages.gates); a failed one stops the downstream stages. Not part of the fingerprint.",
+    )
 
     # Names of fields that reference other stages (the DAG is derived from these).
     upstream_fields: ClassVar[tuple[str, ...]] = ("from_",)
+    # Metric names (fnmatch patterns) this kind puts in its manifest: what a gate may name.
+    gate_metrics: ClassVar[tuple[str, ...]] = ()
     # Fields (or properties) holding DataConfigs -> the record kind the loader must produce for each.
     data_inputs: ClassVar[dict[str, str]] = {}
 
     def record_kind(self, field_name: str, default: str) -> str:
         """The record kind of a data input; a kind whose settings choose it (dpo's kto loss) overrides this."""
         return default
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _gate_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _gate_names_reported_metrics(self) -> StageConfig:
+        for text in self.gate:
+            try:
+                for metric in parse_condition(text).metrics():
+                    problem = self.gate_metric_problem(metric.name, metric.model)
+                    if problem:
+                        raise GateError(f"{text!r}: {problem}")
+            except GateError as err:
+                raise ValueError(f"gate: {err}") from None
+        return self
+
+    def gate_metric_problem(self, name: str, model: str | None) -> str | None:
+        """Why a gate cannot name this metric of this stage (None: it can)."""
+        if model is not None:
+            return f"{name}[{model}]: only an eval stage's metrics name a model; write {name}"
+        names = [p for p in self.gate_metrics if "*" not in p]
+        # A near miss of a known name is a typo even where a pattern (final_*) would take it.
+        near_miss = name not in names and difflib.get_close_matches(name, names, n=1, cutoff=0.85)
+        if not near_miss and any(fnmatch.fnmatchcase(name, pattern) for pattern in self.gate_metrics):
+            return None
+        return (f"{self.kind} stages do not report {name!r}{suggest(name, names)} "
+                f"(they report: {', '.join(self.gate_metrics) or 'no metrics'})")
+
+    def gate_value(self, metrics: dict, name: str, model: str | None) -> Any:
+        """A metric's value in this stage's manifest metrics (None when absent)."""
+        return metrics.get(name)
 
     def upstream(self) -> dict[str, str]:
         """Role -> upstream stage name, for every reference this stage makes."""
@@ -187,6 +262,32 @@ class TrainingStageConfig(StageConfig):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     chat_template: ChatTemplateChoice = Field(None, description="None: the model's own; or chatml, alpaca, vicuna.")
     merge: bool = Field(False, description="Also write the adapter merged into the base as a full model.")
+    sweep: SweepConfig | None = Field(
+        None, description="A Ray Tune search over this stage's settings; the best trial's model is its output."
+    )
+
+    # What training.summarize_training records: the trainer's numbers and each logged curve's last value.
+    gate_metrics: ClassVar[tuple[str, ...]] = ("final_loss", "first_loss", "best_eval_loss", "global_step",
+                                               "train_loss", "train_runtime", "final_*", "train_*")
+
+    @model_validator(mode="after")
+    def _sweep_is_runnable(self) -> TrainingStageConfig:
+        """Every key, value and the metric of a sweep are checked here, before any trial starts."""
+        if self.sweep is None:
+            return self
+        from stages.sweep_config import checked_space
+
+        checked_space(self)
+        if problem := self.gate_metric_problem(self.sweep.metric, None):
+            raise ValueError(f"sweep.metric: {problem}")
+        if self.sweep.scheduler.name == "asha" and self.sweep.step_metric() is None:
+            raise ValueError(f"sweep.scheduler: asha stops trials on a metric logged during training, and "
+                             f"{self.sweep.metric!r} is known only at the end; sweep final_loss (or another "
+                             f"final_<logged value>, or best_eval_loss), or set scheduler: {{name: none}}")
+        if "eval" in self.sweep.metric and self.data.eval_path is None and self.data.eval_fraction == 0:
+            raise ValueError(f"sweep.metric: {self.sweep.metric!r} needs held-out data, and data has neither "
+                             f"eval_path nor eval_fraction")
+        return self
 
 
 

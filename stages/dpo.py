@@ -44,6 +44,10 @@ class DPOConfig(TrainingStageConfig):
 
     kind: Literal["dpo"] = "dpo"
     data_inputs: ClassVar[dict[str, str]] = {"data": "preference"}  # record_kind: "kto" for the kto loss
+    # The trainer's held-out numbers as heldout_<name> (heldout_loss, heldout_rewards/accuracies, ...).
+    gate_metrics: ClassVar[tuple[str, ...]] = (*TrainingStageConfig.gate_metrics, "heldout_loss",
+                                               "heldout_rewards/accuracies", "heldout_rewards/margins", "heldout_*",
+                                               "train_examples_used")
     loss: str = Field("sigmoid", description="Objective by name (stages.preference_losses.LOSSES).")
     beta: float = Field(0.1, gt=0.0, description="Strength of the implicit KL penalty (IPO: tau; ORPO: lambda).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="robust / simpo: probability a label is flipped.")
@@ -64,6 +68,9 @@ class DPOConfig(TrainingStageConfig):
     @model_validator(mode="after")
     def _fields_fit_loss(self) -> DPOConfig:
         preference_losses.check_fields(self.loss, set(self.model_fields_set))
+        if self.peft.init != "default":
+            raise ValueError(f"peft.init: {self.peft.init} moves the base weights into the adapter, so the policy "
+                             f"with the adapter off (DPO's reference) is not the starting model; use init: default")
         return self
 
     def record_kind(self, field_name: str, default: str) -> str:
@@ -160,9 +167,10 @@ def train_preference_worker(args: dict) -> None:
 
 
 def needs_frozen_copy(loss, peft, trl_kwargs: dict) -> bool:
-    """A reference copy is loaded only for full fine-tuning of a reference-based loss scored on the fly."""
+    """A reference copy is loaded only for full (or bias-only) fine-tuning of a reference-based loss scored
+    on the fly: an adapter's reference is the policy with the adapter switched off."""
     family = preference_losses.FAMILIES[loss.family]
-    return family.reference and peft.method == "full" and not trl_kwargs.get("precompute_ref_log_probs")
+    return family.reference and peft.method in ("full", "bitfit") and not trl_kwargs.get("precompute_ref_log_probs")
 
 
 def build_trainer(loss, trainer_cls, *, model, ref_model, args, train_dataset, eval_dataset, processing_class,

@@ -19,6 +19,7 @@ from stages.job import WorkerJob, worker_arguments
 from stages.log import is_verbose
 from stages.models import is_adapter
 from stages.stage import StageContext
+from stages.tune_report import TUNE_METRIC_ENV, tune_callbacks
 
 TRAIN_LOG = "train_log.json"
 WORKER_INFO = "worker_info.json"  # rank 0's stage-specific results (held-out metrics, critic, sync method)
@@ -53,6 +54,8 @@ def worker_env(ctx: StageContext) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
     }
+    if TUNE_METRIC_ENV in os.environ:  # this stage runs as a sweep trial
+        env[TUNE_METRIC_ENV] = os.environ[TUNE_METRIC_ENV]
     if not is_verbose():  # vLLM logs every engine start step at INFO (dozens of lines per engine)
         env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")
     tracking = ctx.run.tracking
@@ -125,6 +128,7 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
             # Ray Train's controller and worker INFO lines (resources requested, worker group started, every
             # report) stay in the session's log files; the console gets its warnings, unless verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
+            callbacks=tune_callbacks(),  # a sweep trial's per-step reports go on to Ray Tune
         ),
     )
     ctx.log(f"Ray Train: {scaling.num_workers} worker(s), {resources} each, ZeRO {config.deepspeed.zero_stage}, "

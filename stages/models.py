@@ -1,5 +1,5 @@
-"""Loading models and tokenizers for training: precision, PEFT (LoRA, QLoRA, DoRA, IA3,
-prompt tuning) and turning an upstream LoRA adapter into a full model when a stage needs one.
+"""Loading models and tokenizers for training: precision, PEFT (LoRA with rsLoRA and PiSSA/OLoRA
+init, 4- or 8-bit QLoRA, DoRA, IA3, prompt tuning; BitFit in ``stages.adaptation``) and turning an upstream LoRA adapter into a full model when a stage needs one.
 
 Everything saved here is a plain Hugging Face folder (safetensors only).
 """
@@ -67,11 +67,12 @@ def load_tokenizer(model_dir: str | Path, chat_template: str | None = None, trus
 
 
 def peft_config(cfg: PeftConfig, head: str = "lm"):
-    """The ``peft`` config for a stage's ``peft`` section; None for full fine-tuning.
+    """The ``peft`` config for a stage's ``peft`` section; None for full fine-tuning and BitFit (no peft tuner:
+    :func:`load_model` freezes all but the biases).
 
     ``head="reward"``: a sequence classifier, whose new ``score`` head is trained and saved in full.
     """
-    if cfg.method == "full":
+    if cfg.method in ("full", "bitfit"):
         return None
     config = _peft_config(cfg, "SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     if head == "reward" and hasattr(config, "modules_to_save"):
@@ -82,6 +83,8 @@ def peft_config(cfg: PeftConfig, head: str = "lm"):
 def _peft_config(cfg: PeftConfig, task_type: str):
     import peft
 
+    from stages.adaptation import lora_init
+
     if cfg.method in ("lora", "qlora", "dora"):
         return peft.LoraConfig(
             r=cfg.r,
@@ -90,6 +93,8 @@ def _peft_config(cfg: PeftConfig, task_type: str):
             target_modules=cfg.target_modules,
             modules_to_save=cfg.modules_to_save,
             use_dora=cfg.method == "dora",
+            use_rslora=cfg.use_rslora,
+            init_lora_weights=lora_init(cfg),
             task_type=task_type,
         )
     if cfg.method == "ia3":
@@ -101,21 +106,29 @@ def _peft_config(cfg: PeftConfig, task_type: str):
 
 
 def model_init_kwargs(cfg: PeftConfig, precision: str, trust_remote_code: bool) -> dict:
-    """Keyword arguments for ``from_pretrained``: dtype, and the 4-bit NF4 base for QLoRA."""
+    """Keyword arguments for ``from_pretrained``: dtype, and the quantized base for QLoRA."""
     # use_safetensors: a .bin (pickle) checkpoint is refused, never unpickled.
     kwargs: dict = {"dtype": torch_dtype(precision), "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if cfg.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        compute = torch_dtype("fp32" if precision == "fp32" else precision)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute,
-        )
+        kwargs["quantization_config"] = quantization_config(cfg.quant_bits, precision)
     return kwargs
+
+
+def quantization_config(bits: int, precision: str):
+    """QLoRA's frozen base: 4-bit NF4 with double quantisation (computing and stored in the training
+    dtype), or 8-bit LLM.int8 (``peft.quant_bits: 8``)."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch_dtype(precision)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
 
 
 def prepares_kbit_training(method: str, zero_stage: int | None) -> bool:
@@ -129,10 +142,15 @@ def prepares_kbit_training(method: str, zero_stage: int | None) -> bool:
 def load_model(model_dir: str | Path, cfg: PeftConfig, precision: str, *, head: str = "causal-lm",
                trust_remote_code: bool = False, gradient_checkpointing: bool = False,
                zero_stage: int | None = None):
-    """Load a full model for training (the trainer applies the PEFT config itself).
-    ``zero_stage``: the stage's ``deepspeed.zero_stage`` (None: no DeepSpeed)."""
+    """Load a full model for training (the trainer applies the PEFT config itself; BitFit's freezing is
+    done here). ``zero_stage``: the stage's ``deepspeed.zero_stage`` (None: no DeepSpeed)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from stages.adaptation import apply_bitfit, converts_on_save
+
+    if converts_on_save(cfg) and zero_stage == 3:  # the untrained adapter is saved before training, unsharded
+        raise ValueError(f"peft.init {cfg.init!r} does not combine with deepspeed.zero_stage 3 here; "
+                         "use zero_stage 2 (or none), or init default")
     kwargs = model_init_kwargs(cfg, precision, trust_remote_code)
     if head == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -147,6 +165,10 @@ def load_model(model_dir: str | Path, cfg: PeftConfig, precision: str, *, head: 
     elif cfg.method == "qlora" and gradient_checkpointing:  # ZeRO-3: what the skipped call would enable
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if cfg.method == "bitfit":
+        apply_bitfit(model, tuple(cfg.modules_to_save or ()) + (("score",) if head == "reward" else ()))
+        if gradient_checkpointing:  # the frozen embedding's output must still carry gradients
+            model.enable_input_require_grads()
     return model
 
 

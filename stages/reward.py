@@ -41,6 +41,10 @@ class RewardConfig(TrainingStageConfig):
 
     kind: Literal["reward"] = "reward"
     data_inputs: ClassVar[dict[str, str]] = {"data": "preference"}
+    # Held-out pairwise accuracy (and per category), margin and pair count: stages.reward_scoring.
+    gate_metrics: ClassVar[tuple[str, ...]] = (*TrainingStageConfig.gate_metrics, "heldout_accuracy",
+                                               "heldout_margin", "heldout_pairs", "heldout_accuracy/*",
+                                               "train_pairs_used", "train_pairs_too_long")
     use_margin: bool = Field(True, description="Subtract the pairs' margin column (when present) inside the loss.")
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="Weight of the centering term mean((r_chosen + r_rejected)^2); None disables it."
@@ -56,7 +60,7 @@ def run(ctx: StageContext) -> StageResult:
     data_config = training_data.with_default_eval(config.data)
     data = training_data.prepare(ctx, data_config, "preference", seed=config.train.seed)
     model_source = launcher.upstream_full_model(ctx, ctx.inputs["from"])
-    uses_peft = config.peft.method != "full"
+    uses_peft = config.peft.method not in ("full", "bitfit")  # bitfit saves a full model, as full does
     job = launcher.worker_job(
         ctx, config, model_source, RewardJob,
         # Trained weights (the adapter under PEFT) go to adapter/; model/ gets the merged classifier.

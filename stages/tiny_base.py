@@ -19,6 +19,9 @@ tokens ``<pad>``, ``<s>``, ``</s>``, ``<unk>``, ``<|im_start|>`` and ``<|im_end|
 tokens; the eos is ``<|im_end|>`` so that generation stops at the end of an assistant turn. No bos
 is added on encode.
 
+Variants (``VARIANTS``, by builtin name): ``tiny-llama``, and ``tiny-llama-bias``, the same model
+with biases in every attention and MLP projection (``attention_bias``/``mlp_bias``), for BitFit.
+
 Model: ``LlamaForCausalLM`` with 4 heads of size 32 (vLLM's CPU attention kernels take it), tied
 embeddings, float32. Four heads rather than two of size 64 is what lets the model learn 2-digit
 addition in a few hundred steps (measured: SFT loss 0.14 vs 0.77 after 700 steps, same budget).
@@ -51,6 +54,9 @@ from stages.chat_templates import TEMPLATES
 PAD, BOS, EOS_DOC, UNK = "<pad>", "<s>", "</s>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS_DOC, UNK, IM_START, IM_END)  # ids 0..5 in this order
+
+# Builtin base name -> its build_tiny_base options (stages.pretrained.BUILTIN_BASES holds their recipe versions).
+VARIANTS: dict[str, dict] = {"tiny-llama": {}, "tiny-llama-bias": {"bias": True}}
 
 # Unicode punctuation that shows up in ordinary English text (quotes, dashes, ellipsis, ...).
 UNICODE_PUNCTUATION = "…–—‘’“”«»•·°€£×÷"
@@ -98,8 +104,10 @@ def build_llama(
     intermediate_size: int,
     max_position_embeddings: int,
     seed: int,
+    bias: bool = False,
 ):
-    """A randomly initialised float32 ``LlamaForCausalLM`` matched to ``tokenizer``'s special ids."""
+    """A randomly initialised float32 ``LlamaForCausalLM`` matched to ``tokenizer``'s special ids;
+    ``bias``: biases in the attention and MLP projections."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, set_seed
 
@@ -115,6 +123,8 @@ def build_llama(
         head_dim=hidden_size // num_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
+        attention_bias=bias,
+        mlp_bias=bias,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -220,6 +230,7 @@ def build_tiny_base(
     num_heads: int = 4,
     intermediate_size: int = 512,
     max_position_embeddings: int = 256,
+    bias: bool = False,
     pretrain_steps: int = 200,
     pretrain_batch_size: int = 16,
     pretrain_learning_rate: float = 2e-3,
@@ -231,7 +242,7 @@ def build_tiny_base(
 
     The files are written to a temporary sibling folder and moved into place at the end, so a crash
     never leaves a half-written model behind; other files already in ``out_dir`` are kept.
-    ``overwrite=False`` refuses to replace a model already in ``out_dir``. ``torch_threads`` sets
+    ``bias``: the ``tiny-llama-bias`` variant (see ``VARIANTS``). ``overwrite=False`` refuses to replace a model already in ``out_dir``. ``torch_threads`` sets
     torch's intra-op threads for the pretraining only (restored afterwards); ``1`` keeps the build
     fast when other processes share the cores (2 spinning threads ran ~10x slower there).
     Returns ``{"name", "out_dir", "parameters", "vocab_size", "pretrain_steps", "pretrain_loss"
@@ -244,7 +255,8 @@ def build_tiny_base(
     started = time.monotonic()
     tokenizer = build_char_tokenizer(model_max_length=max_position_embeddings)
     model = build_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings, seed=seed)
+                        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings, seed=seed,
+                        bias=bias)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 
 from stages import train_session
+from stages.adaptation import INITIAL_ADAPTER, converts_on_save, save_converted_adapter, save_initial_adapter
 from stages.config import TrainingStageConfig
 from stages.ds_config import deepspeed_config
 from stages.job import StageConfigT, WorkerJob, worker_inputs
 from stages.launcher import TRAIN_LOG
 from stages.log import configure as configure_logging
 from stages.log import is_verbose, progress, stage_log
+from stages.optim import schedule_arguments, use_layer_lr_decay
+from stages.tune_report import ReportToTune, tune_metric
 
 
 def start_worker(args: dict, config_cls: type[StageConfigT], job_cls: type[WorkerJob] = WorkerJob):
@@ -90,10 +93,7 @@ def training_arguments(trl_config_cls, job: WorkerJob, config: TrainingStageConf
         save_steps = eval_steps  # keeping the best model needs a checkpoint at every evaluation
     kwargs = dict(
         output_dir=str(Path(job.work_dir) / "checkpoints"),
-        learning_rate=train.lr,
-        lr_scheduler_type=train.lr_schedule,
-        lr_scheduler_kwargs={"min_lr_rate": 0.1} if train.lr_schedule == "cosine_with_min_lr" else None,
-        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        **schedule_arguments(train),  # the one schedule of every stage (stages.optim)
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         per_device_train_batch_size=train.batch_size,
@@ -206,15 +206,24 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
     trainer.add_callback(ProgressCallback(job.stage))
     if config.train.save_steps:
         trainer.add_callback(ReportCheckpoints())
+    if tune_metric() is not None:  # a sweep trial: its metric at every log, for early stopping
+        trainer.add_callback(ReportToTune())
     if early_stopping and config.train.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
+    use_layer_lr_decay(trainer, config.train)
+    if converts_on_save(config.peft):  # PiSSA/OLoRA: the adapter as it starts
+        if config.kind == "dpo":  # its reference is the adapter-disabled model: the residual, not the base
+            raise ValueError(f"peft.init {config.peft.init!r} does not work in dpo: the reference model would be "
+                             "the residual base; use init default")
+        if is_rank_zero():
+            save_initial_adapter(trainer.model, job.work_dir)
     checkpoint = resume_checkpoint(job)
     if checkpoint and is_rank_zero():
         stage_log(job.stage, f"resuming from {checkpoint}")
     summary = model_summary(trainer.model)
     resumed_step = checkpoint_step(checkpoint)  # before training: checkpoint rotation deletes it
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_model(trainer, job)
+    save_model(trainer, job, config)
     probe = probe_outputs(trainer.model, trainer.processing_class)
     if is_rank_zero():
         log = {
@@ -265,8 +274,9 @@ def model_summary(model) -> dict:
             "model_class": type(model).__name__}
 
 
-def save_model(trainer, job: WorkerJob) -> None:
-    """Save weights (or the adapter) and tokenizer (the driver merges adapters afterwards).
+def save_model(trainer, job: WorkerJob, config: TrainingStageConfig) -> None:
+    """Save weights (or the adapter) and tokenizer (the driver merges adapters afterwards). A PiSSA/OLoRA
+    adapter is saved converted to a plain LoRA adapter of the original base (``stages.adaptation``).
 
     Every rank calls ``save_model``: under ZeRO-3 the weights are gathered across ranks.
     """
@@ -274,5 +284,7 @@ def save_model(trainer, job: WorkerJob) -> None:
     trainer.save_model(str(model_dir))
     if not is_rank_zero():
         return
+    if converts_on_save(config.peft):  # not under ZeRO-3 (stages.models.load_model refuses it)
+        save_converted_adapter(trainer.model, model_dir, Path(job.work_dir) / INITIAL_ADAPTER)
     (model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest holds the config
     trainer.processing_class.save_pretrained(str(model_dir))

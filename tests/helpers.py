@@ -64,3 +64,15 @@ def reference_logprobs(model, P, R) -> list[list[float]]:
             tok = logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
             out.append(tok[len(p) - 1 : len(p) - 1 + len(r)].tolist())
     return out
+
+
+def strict_schema(schema):
+    """A JSON schema in which unknown fields are errors (the API server would prune them silently: a
+    typo would be lost); for validating manifests against the KubeRay CRD schemas."""
+    if isinstance(schema, dict):
+        schema = {key: strict_schema(value) for key, value in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict_schema(item) for item in schema]
+    return schema

@@ -69,7 +69,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "stages.rl.masked" in graph["stages.rl.advantages"]  # from .masked import ...
     assert "stages.tiny_base" in graph["stages.pretrained"]  # inside run()
-    assert "stages.sources" in graph["pipeline.runner"]
+    assert "stages.sources" in graph["pipeline.stage_run"]  # inside data_fingerprint()
     assert [c for c in strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) if len(c) > 1] == [
         {"a", "b", "c"}]
 

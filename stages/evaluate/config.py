@@ -92,6 +92,30 @@ class EvalConfig(StageConfig):
             raise ValueError("eval needs something to evaluate on: prompts, tasks, sft_data or preference_data")
         return self
 
+    def gate_columns(self) -> list[str]:
+        """The summary columns every evaluated model gets (stages.evaluate.stage.summary_row); a gate names
+        one as NAME[model]. ``accuracy`` is ``accuracy/<task>`` when there is one task."""
+        columns = [f"accuracy/{task.name}" for task in self.tasks] + (["accuracy"] if len(self.tasks) == 1 else [])
+        columns += ["length", "kl"] + (["reward_mean", "win_rate", "ties"] if self.reward else [])
+        columns += (["perplexity"] if self.sft_data else []) + (["pref_accuracy"] if self.preference_data else [])
+        return columns
+
+    def gate_metric_problem(self, name: str, model: str | None) -> str | None:
+        if model is None:
+            return f"name the evaluated model: {name}[{self.models[0]}] (models: {', '.join(self.models)})"
+        if model not in self.models:
+            return f"{model!r} is not evaluated here{suggest(model, self.models)} (models: {', '.join(self.models)})"
+        if name in self.gate_columns() or any(name.startswith(f"accuracy/{t.name}/") for t in self.tasks):
+            return None
+        return (f"the eval reports no {name!r}{suggest(name, self.gate_columns())} "
+                f"(columns: {', '.join(self.gate_columns())})")
+
+    def gate_value(self, metrics: dict, name: str, model: str | None):
+        row = (metrics.get(model) or {}).get("summary", {})
+        if name == "accuracy" and len(self.tasks) == 1:
+            name = f"accuracy/{self.tasks[0].name}"
+        return row.get(name)
+
     @property
     def task_data(self) -> list[DataConfig]:
         """The prompt files of the tasks (``builtin:<task>/test`` for generator tasks); fingerprinted as data."""

@@ -135,6 +135,11 @@ class PPOConfig(TrainingStageConfig):
 
     kind: Literal["ppo"] = "ppo"
     data_inputs: ClassVar[dict[str, str]] = {"prompts": "prompt"}
+    # Held-out task accuracy before and after, and first/last/late values of the curves (stages.ppo.stage).
+    gate_metrics: ClassVar[tuple[str, ...]] = (*TrainingStageConfig.gate_metrics, "heldout_accuracy",
+                                               "initial_heldout_accuracy", "late_reward_mean", "last_reward_mean",
+                                               "late_kl", "heldout_*", "initial_heldout_*", "first_*", "last_*",
+                                               "late_*")
     data: DataConfig | None = Field(None, description="Not used by ppo: the prompts are read from `prompts`.")
     prompts: DataSection = Field(description="Prompt-only data (any format the loader reads as prompts).")
     reward: str | None = Field(None, description="Upstream reward stage whose model scores responses.")
@@ -156,6 +161,9 @@ class PPOConfig(TrainingStageConfig):
     def _consistent(self) -> PPOConfig:
         if self.data is not None:
             raise ValueError("ppo reads its prompts from `prompts:`, not `data:`")
+        if self.peft.init != "default":
+            raise ValueError(f"peft.init: {self.peft.init} moves the base weights into the adapter, so the policy "
+                             f"with the adapter off (the KL reference) is not the starting model; use init: default")
         if self.reward is None and self.reward_fn is None:
             raise ValueError("ppo needs a reward: `reward: <reward stage>` and/or `reward_fn: <task or module:function>`")
         if self.reward_fn is not None and ":" not in self.reward_fn:

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import torch
 
-from stages.config import TrainConfig
 from stages.ds_config import deepspeed_config
+from stages.optim import make_scheduler, param_groups
 from stages.ppo.config import PPOConfig
-
-
-def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    kwargs = {"min_lr_rate": 0.1} if train.lr_schedule == "cosine_with_min_lr" else None
-    return get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=int(train.warmup_ratio * total_steps),
-                         num_training_steps=max(1, total_steps), scheduler_specific_kwargs=kwargs)
 
 
 def deepspeed_dict(config: PPOConfig, precision: str, lr: float, client_optimizer: bool) -> dict:
@@ -51,13 +43,14 @@ class Trainee:
         self.max_grad_norm = train.max_grad_norm
         self.micro = 0
         params = [p for p in module.parameters() if p.requires_grad]
+        groups = param_groups(module, train, lr)  # the same tensors, by layer rate with train.layer_lr_decay
         if self.zero_stage is not None:
             import deepspeed
 
             offload = config.deepspeed.offload_optimizer
-            optimizer = None if offload else torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+            optimizer = None if offload else torch.optim.AdamW(groups, lr=lr, weight_decay=train.weight_decay)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=module, optimizer=optimizer, model_parameters=params if offload else None,
+                model=module, optimizer=optimizer, model_parameters=groups if offload else None,
                 config=deepspeed_dict(config, precision, lr, client_optimizer=not offload),
                 lr_scheduler=lambda opt: make_scheduler(opt, train, total_steps),
             )
@@ -67,7 +60,7 @@ class Trainee:
             from stages.train_session import prepare_model
 
             self.engine = None
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=train.weight_decay)
             self.scheduler = make_scheduler(self.optimizer, train, total_steps)
             self.params = params
             # DDP when world > 1 (outside Ray Train, e.g. in unit tests: wrap=False, the bare module).

@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from pipeline.report import build_report
-from pipeline.runner import run_pipeline
+from pipeline.report import build_report, collect
+from pipeline.runner import GateFailed, run_pipeline
 from pipeline.spec import load_spec
 from stages.tasks import get_task
 from tests.conftest import REPO
@@ -35,6 +35,9 @@ SHRINK = [
     # tests/stages/ppo/test_ppo_vllm.py's (the vLLM suite) and the demo's.
     *(f"stages.{s}.rollout.engine=hf" for s in ("ppo", "grpo")),
     *(f"stages.{s}.eval_limit={HELD_OUT}" for s in ("ppo", "grpo")),
+    # Two steps leave the reward model near chance, under tiny.yaml's gate (0.65): this run's eval gate,
+    # DPO above SFT (measured +0.425), is checked instead; the reward gate is the second test's.
+    "stages.reward.gate=[]", "stages.eval.gate=[\"accuracy[dpo] >= accuracy[sft]\"]",
     f"stages.eval.max_prompts={HELD_OUT}", "stages.eval.generation.kl_prompts=4",
     "stages.eval.generation.num_samples=2",
     "stages.eval.sft_data.limit=8", "stages.eval.preference_data.limit=8",
@@ -48,6 +51,7 @@ MIN_GAIN = {"dpo": 0.2, "ppo": 0.2, "grpo": 0.2}
 
 def test_the_shipped_tiny_dag_runs_end_to_end(ray_cluster, addition_sft, tmp_path, capfd):
     spec = load_spec(REPO / "configs" / "tiny.yaml", [*SHRINK, f"storage={tmp_path}"])
+    assert load_spec(REPO / "configs" / "tiny.yaml").stages["reward"].gate == ["heldout_accuracy >= 0.65"]
     artifacts = run_pipeline(spec, inputs={"sft": str(addition_sft)})
     # Quiet by default: the workers' own progress lines reach the driver (with their bar), Ray Train's
     # per-report and worker-group INFO lines do not (they stay in the session's log files).
@@ -101,3 +105,54 @@ def test_the_shipped_tiny_dag_runs_end_to_end(ray_cluster, addition_sft, tmp_pat
     assert {n: a.fingerprint for n, a in again.items()} == {n: a.fingerprint for n, a in artifacts.items()}
     trained = [n for n in artifacts if n != "sft"]  # sft is the --input folder
     assert all(again[n].manifest["started"] == artifacts[n].manifest["started"] for n in trained)
+    assert artifacts["eval"].manifest["gate"]["passed"] and artifacts["eval"].manifest["gate"]["checks"][0]["left"] \
+        == accuracy["dpo"]
+
+    check_gates(tmp_path, addition_sft, artifacts)
+
+
+# A PPO stage that scores its rollouts with the reward model: the stage a reward gate protects.
+PPO_RM = ("stages.ppo_rm={kind: ppo, from: sft, prompts: builtin:addition, reward_fn: null, reward: reward, "
+          "eval_limit: 8, rollout: {engine: hf, n: 2, prompts_per_step: 8, max_new_tokens: 6}, "
+          "train: {max_steps: 1, batch_size: 16, logging_steps: 1}}")
+
+
+def check_gates(storage, addition_sft, artifacts) -> None:
+    """The reward gate, just above and just below what the stored reward model reached: above, the stages
+    that use it (ppo_rm, eval) do not run, the reward artifact stays and is marked gated; below, they run.
+    Nothing upstream is retrained: a gate is not part of any fingerprint."""
+    reached = artifacts["reward"].manifest["metrics"]["heldout_accuracy"]
+
+    def spec_with_gate(threshold: float):
+        return load_spec(REPO / "configs" / "tiny.yaml", [*SHRINK, f"storage={storage}", PPO_RM,
+                                                           f"stages.reward.gate=[\"heldout_accuracy >= {threshold}\"]"])
+
+    above = spec_with_gate(round(reached + 0.01, 4))
+    with pytest.raises(GateFailed) as failed:
+        run_pipeline(above, inputs={"sft": str(addition_sft)})
+    assert failed.value.gated == {"reward": [f"heldout_accuracy = {reached:.4g}; the gate needs heldout_accuracy "
+                                             f">= {round(reached + 0.01, 4):.4g}"]}
+    assert failed.value.blocked == {"ppo_rm": "reward", "eval": "reward"}
+    stopped = re.search(r"Not run: ([\w, ]+)\. Its artifact is kept at (\S+)", str(failed.value))
+    assert stopped and set(stopped[1].split(", ")) == {"ppo_rm", "eval"}, str(failed.value)
+    assert stopped[2] == str(artifacts["reward"].path) and "--ignore-gates" in str(failed.value)
+    kept = failed.value.artifacts
+    assert kept["reward"].fingerprint == artifacts["reward"].fingerprint  # stored, not retrained
+    assert kept["reward"].manifest["started"] == artifacts["reward"].manifest["started"]
+    assert kept["reward"].manifest["gate"]["passed"] is False
+    assert {n: a.fingerprint for n, a in kept.items()} == {n: a.fingerprint for n, a in artifacts.items() if n != "eval"}
+    assert not (storage / "tiny" / "ppo_rm").exists()  # never started
+    statuses = {node.name: node.status for node in collect(above, inputs={"sft": str(addition_sft)})}
+    assert statuses["reward"] == "gated" and statuses["ppo_rm"] == "blocked", statuses
+
+    below = spec_with_gate(round(reached - 0.01, 4))
+    ran = run_pipeline(below, inputs={"sft": str(addition_sft)})
+    assert ran["ppo_rm"].manifest["status"] == "complete"
+    assert ran["ppo_rm"].manifest["inputs"]["reward"] == artifacts["reward"].fingerprint
+    assert ran["reward"].manifest["gate"]["passed"] is True
+    assert ran["eval"].manifest["started"] == artifacts["eval"].manifest["started"]  # cached all along
+
+    # --ignore-gates: the failure is recorded as ignored, and everything downstream is used.
+    ignored = run_pipeline(above, inputs={"sft": str(addition_sft)}, ignore_gates=True)
+    assert ignored["reward"].manifest["gate"] == {**ignored["reward"].manifest["gate"], "passed": False, "ignored": True}
+    assert set(ignored) == set(ran)

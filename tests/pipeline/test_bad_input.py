@@ -203,6 +203,14 @@ CASES = [
     pytest.param(Case({"base": {"model": "{model_without_template}"}},
                       ("stages.sft.chat_template: the tokenizer of base.model", "has no chat template"),
                       needs=("model",)), id="tokenizer-without-chat-template"),
+    # --- quality gates (stages.gates): checked when the file loads, before anything runs
+    pytest.param(Case(stage(gate=["final_los < 1.0"]), ("stages.sft.gate:", "do not report 'final_los'",
+                                                        "did you mean final_loss?")), id="gate-unknown-metric"),
+    pytest.param(Case(stage(gate=["final_loss => 1.0"]), ("stages.sft.gate:", "'final_loss => 1.0' is not a condition",
+                                                          "OP one of >= > <= < == !=")), id="gate-bad-operator"),
+    pytest.param(Case({"stages": {"eval": {"models": ["sft"], "tasks": ["addition"], "gate": "accuracy[spt] >= 0.5"}}},
+                      ("stages.eval.gate:", "'spt' is not evaluated here; did you mean sft?")),
+                 id="gate-eval-unknown-model"),
 ]
 
 

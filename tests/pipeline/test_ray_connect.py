@@ -1,7 +1,8 @@
 """How a driver finds Ray (``pipeline.cluster.start_ray``), each in a fresh process of its own.
 
-* no address and no ``RAY_ADDRESS``: a new private instance with the file's ``num_cpus`` and no
-  dashboard, even where a bootstrap file names another cluster (``ray start`` leaves one behind);
+* no address and no ``RAY_ADDRESS``: a new private instance with the file's ``num_cpus`` and its
+  dashboard on 127.0.0.1 only, even where a bootstrap file names another cluster (``ray start``
+  leaves one behind);
 * ``RAY_ADDRESS``: join that cluster (here the test session's), without passing ``num_cpus``.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +41,8 @@ def connect(tmp_path: Path, **env: str) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     # Ray's start-up line names the dashboard's URL when it started one.
-    return {**json.loads(line.removeprefix("RESULT ")), "dashboard": "View the dashboard" in done.stderr}
+    url = re.search(r"View the dashboard at \S*?(http://[\d.]+):", done.stderr)
+    return {**json.loads(line.removeprefix("RESULT ")), "dashboard": url[1] if url else None}
 
 
 def test_no_address_starts_a_private_instance_despite_a_stale_bootstrap_file(tmp_path, ray_cluster):
@@ -57,7 +60,7 @@ def test_no_address_starts_a_private_instance_despite_a_stale_bootstrap_file(tmp
         shutil.rmtree(temp, ignore_errors=True)
     assert result["cpus"] == 3.0, result  # its own instance, sized by the file (the session's has 4)
     assert result["gcs"] != ray.get_runtime_context().gcs_address
-    assert not result["dashboard"], result
+    assert result["dashboard"] == "http://127.0.0.1", result  # on the loopback only (Ray Train's State API)
 
 
 def test_ray_address_joins_that_cluster_without_sizing_it(tmp_path, ray_cluster):

@@ -3,8 +3,8 @@
 The "small finished run" is real: the tiny base, a 2-step LoRA SFT on Ray Train and an eval of
 [base, sft] through Ray Data. Only the reward model is hand-made (a sequence-classification head on
 the tiny base, committed to the store at the reward stage's fingerprint) to spare a second Ray Train
-job, and a sweep folder is written by hand. Set RAYALIGN_REPORT_SCREENSHOT=path.png to keep the
-screenshot.
+job, and the SFT artifact is dressed as a sweep's output by hand. Set RAYALIGN_REPORT_SCREENSHOT=path.png
+to keep the screenshot.
 """
 
 from __future__ import annotations
@@ -87,22 +87,25 @@ def commit_hand_made_reward(spec, base) -> None:
     }, partial)
 
 
-def write_sweep(spec) -> None:
+def write_sweep(sft) -> None:
+    """The sft artifact dressed as a sweep's output: a trial table in its manifest, sweep.png beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = spec.run_root() / "sweeps" / "sft"
-    folder.mkdir(parents=True)
-    trials = [{"trial": f"t{i}", "overrides": {"train.lr": lr}, "status": "ok", "value": v}
-              for i, (lr, v) in enumerate([(1e-3, 2.1), (3e-3, 1.7)])]
-    results = {"stage": "sft", "metric": "final_loss", "mode": "min", "trials": trials,
-               "best": {"trial": "t1", "overrides": {"train.lr": 3e-3}, "value": 1.7}}
-    (folder / "results.json").write_text(json.dumps(results))
+    from pipeline.store import write_json
+
+    trials = [{"trial": f"t{i}", "overrides": {"train.lr": lr}, "status": status, "value": v, "fingerprint": f"fp{i}",
+               "curve": [{"step": 1, "value": v + 0.5}, {"step": 2, "value": v}]}
+              for i, (lr, v, status) in enumerate([(1e-3, 2.1, "stopped"), (3e-3, 1.7, "ok")])]
+    results = {"metric": "final_loss", "mode": "min", "search": "grid", "seed": 0, "scheduler": {"name": "asha"},
+               "trials": trials, "stopped_early": 1,
+               "best": {"trial": "t1", "overrides": {"train.lr": 3e-3}, "value": 1.7, "fingerprint": "fp1"}}
+    write_json(sft.path / "manifest.json", {**sft.manifest, "sweep": results})
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.plot([1e-3, 3e-3], [2.1, 1.7], marker="o")
-    fig.savefig(folder / "results.png")
+    fig.savefig(sft.path / "sweep.png")
     plt.close(fig)
 
 
@@ -118,7 +121,7 @@ def finished_run(ray_cluster, tiny_base, tmp_path_factory):
     spec = make_spec(tmp_path / "runs", tiny_base, raw["stages"], name=raw["name"])
     commit_hand_made_reward(spec, tiny_base)
     artifacts = run_pipeline(spec)
-    write_sweep(spec)
+    write_sweep(artifacts["sft"])
     return spec, config, artifacts
 
 

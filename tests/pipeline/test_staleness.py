@@ -69,9 +69,9 @@ def test_plan_says_why_each_stale_stage_is_stale(setup, monkeypatch, capsys):
     assert "upstream: from is now" in plan(make_spec(tmp_path, base, stages)).why_stale["sft_a"][0]
     write_model(base, 1.0)
 
-    import pipeline.runner as runner
+    import pipeline.stage_run as stage_run
 
-    monkeypatch.setattr(runner, "code_fingerprint", lambda: "edited")
+    monkeypatch.setattr(stage_run, "code_fingerprint", lambda: "edited")
     assert plan(make_spec(tmp_path, base, stages)).why_stale["sft_b"][-1] == \
         "code: the stages/ sources changed since it ran"
 

@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.k8s import CONFIG_MOUNT, render_file  # CONFIG_MOUNT: the pipeline file's path inside the image
 from pipeline.spec import SpecError
 from pipeline.submit import build_job, describe, submit
-from tests.helpers import TEST_SECRET, quick_sft
+from tests.helpers import TEST_SECRET, quick_sft, strict_schema
 
 REPO = Path(__file__).resolve().parents[2]
 RAYJOB_SCHEMA = REPO.parent / "shared" / "kuberay" / "schemas" / "rayjob-v1.json"
@@ -36,17 +36,7 @@ def rayjob_validator():
     if not RAYJOB_SCHEMA.exists():
         pytest.skip(f"KubeRay schemas not found at {RAYJOB_SCHEMA} (the project's ../shared/kuberay)")
     schema = json.loads(RAYJOB_SCHEMA.read_text())
-    return jsonschema.Draft202012Validator(_strict(schema))
-
-
-def _strict(schema):
-    if isinstance(schema, dict):
-        schema = {key: _strict(value) for key, value in schema.items()}
-        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema:
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        schema = [_strict(item) for item in schema]
-    return schema
+    return jsonschema.Draft202012Validator(strict_schema(schema))
 
 
 def _check_rayjob(validator, rayjob: dict) -> None:
@@ -91,12 +81,17 @@ def test_tiny_rayjob_validates_and_ships_the_config(rayjob_validator, monkeypatc
     assert entrypoint.startswith(f"rayalign run {mounts['pipeline']}/tiny.yaml ")
     assert "--set ray.address=auto" in entrypoint and "--set storage=/mnt/rayalign/runs" in entrypoint
 
-    # Sized from the pipeline: 2 Ray Train workers of 1 CPU each, no GPUs; the storage claim everywhere.
+    # Sized from the pipeline: 2 Ray Train workers of 1 CPU each, no GPUs, plus 1 CPU of headroom a pod
+    # (Ray schedules num-cpus; the container has more); the storage claim everywhere.
     spec = rayjob["spec"]
-    assert spec["ttlSecondsAfterFinished"] == 3600
+    assert spec["ttlSecondsAfterFinished"] == 3600 and spec["shutdownAfterJobFinishes"] is True
+    assert (spec["submissionMode"], spec["activeDeadlineSeconds"], spec["backoffLimit"]) == ("K8sJobMode", 86400, 1)
     (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
-    assert worker["resources"]["limits"] == {"cpu": "1", "memory": "8Gi"}
+    assert group["rayStartParams"] == {"num-cpus": "1"}
+    assert worker["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"] == {
+        "dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"}
     assert mounts["storage"] == "/mnt/rayalign" and {m["name"] for m in worker["volumeMounts"]} >= {"storage"}
     env = {e["name"]: e.get("value") for e in worker["env"]}
     assert env["HF_HUB_OFFLINE"] == "1"
@@ -119,12 +114,13 @@ def test_gpu_config_gets_gpu_workers_and_a_secret_token(rayjob_validator, monkey
     config_map, rayjob = _documents(text)
     _check_rayjob(rayjob_validator, rayjob)
     assert not warnings
-    sweep = _documents(render_file("configs/gpu-8b-qlora.yaml", command="sweep")[0])[1]
-    assert sweep["spec"]["entrypoint"].startswith(f"rayalign sweep {CONFIG_MOUNT}/gpu-8b-qlora.yaml ")
+    sweep = _documents(render_file("configs/sweep.yaml", command="sweep")[0])[1]  # the config with a sweep
+    _check_rayjob(rayjob_validator, sweep)
+    assert sweep["spec"]["entrypoint"].startswith(f"rayalign sweep {CONFIG_MOUNT}/sweep.yaml ")
     head, worker = _containers(rayjob)
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 4
-    assert worker["resources"]["limits"] == {"cpu": "8", "memory": "96Gi", "nvidia.com/gpu": "1"}
+    assert worker["resources"]["limits"] == {"cpu": "9", "memory": "96Gi", "nvidia.com/gpu": "1"}  # 8 + headroom
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
     assert rayjob["spec"]["entrypoint"].startswith(f"rayalign run {CONFIG_MOUNT}/gpu-8b-qlora.yaml ")
     assert rayjob["metadata"]["namespace"] == config_map["metadata"]["namespace"] == "ml"
@@ -151,7 +147,8 @@ def test_k8s_command_options_override_the_spec(rayjob_validator, tmp_path, capsy
     assert rayjob["metadata"] == {"name": "rayalign-frac-pipeline-v2", "namespace": "team", "labels": labels}
     head, worker = _containers(rayjob)
     assert head["image"] == worker["image"] == "me/rayalign:dev"
-    assert worker["resources"]["limits"] == {"cpu": "500m", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    # Half a CPU per worker: Ray gets a whole one (ray start takes integers), the container one more.
+    assert worker["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["template"]["spec"]["serviceAccountName"] == "trainer"
     assert "--set stages.sft.train.max_steps=3 --set ray.address=auto" in rayjob["spec"]["entrypoint"]
@@ -176,9 +173,9 @@ GPU_PPO_PIPELINE = {
 
 
 @pytest.mark.parametrize("gpus_per_pod, replicas, cpus, gpus", [
-    (None, 7, "8", "1"),  # one GPU a pod: 7 pods for PPO's 7 GPUs, each as big as the largest member (8 CPUs)
-    (4, 2, "16", "4"),    # 4 GPUs a pod: ceil(7 / 4) pods; SFT's 32 CPUs (the CPU peak) spread over them
-    (8, 1, "32", "8"),
+    (None, 7, 8, "1"),  # one GPU a pod: 7 pods for PPO's 7 GPUs, each as big as the largest member (8 CPUs)
+    (4, 2, 16, "4"),    # 4 GPUs a pod: ceil(7 / 4) pods; SFT's 32 CPUs (the CPU peak) spread over them
+    (8, 1, 32, "8"),
 ])
 def test_gpu_ppo_counts_every_engine_and_actor(rayjob_validator, tmp_path, gpus_per_pod, replicas, cpus, gpus):
     config = tmp_path / "gpu-ppo.yaml"
@@ -191,8 +188,9 @@ def test_gpu_ppo_counts_every_engine_and_actor(rayjob_validator, tmp_path, gpus_
     assert group["groupName"] == "gpu-workers"
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
     _, worker = _containers(rayjob)
+    assert group["rayStartParams"] == {"num-cpus": str(cpus)}  # what Ray schedules; the container has 1 more
     assert worker["resources"]["limits"] == worker["resources"]["requests"] == {
-        "cpu": cpus, "memory": "64Gi", "nvidia.com/gpu": gpus}
+        "cpu": str(cpus + 1), "memory": "64Gi", "nvidia.com/gpu": gpus}
     if gpus_per_pod:
         assert f"--gpus-per-pod {gpus_per_pod}" in text.splitlines()[1]  # the header shows how it was rendered
 
@@ -265,9 +263,9 @@ def test_job_runtime_env_and_entrypoint(tmp_path, monkeypatch):
     assert " run configs/tiny.yaml --set ray.address=auto" in job["entrypoint"]
 
     # --command sweep: the job runs `rayalign sweep`; a config without a sweep stage fails before submitting.
-    job = build_job(REPO / "configs" / "gpu-8b-qlora.yaml", command="sweep")
-    assert " -m pipeline.cli sweep configs/gpu-8b-qlora.yaml " in job["entrypoint"]
-    with pytest.raises(SpecError, match="no stage to sweep"):
+    job = build_job(REPO / "configs" / "sweep.yaml", command="sweep")
+    assert " -m pipeline.cli sweep configs/sweep.yaml " in job["entrypoint"]
+    with pytest.raises(SpecError, match=r"no stage has a sweep: section \(add stages.<name>.sweep\)"):
         build_job(config, command="sweep")
     with pytest.raises(ValueError, match="not inside the working_dir"):
         build_job(config, working_dir=tmp_path / "elsewhere")

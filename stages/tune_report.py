@@ -1,0 +1,47 @@
+"""A training stage run as a trial of a sweep reports its metric to Ray Tune at every logging step, so
+that a scheduler (ASHA) can stop it early. The trial's driver sets ``RAYALIGN_TUNE_METRIC`` to
+``<sweep metric>:<the logged value it follows>`` (final_loss:loss); the launcher passes it to the
+workers and forwards their reports to Tune (``TuneReportCallback``); outside a sweep nothing changes."""
+
+from __future__ import annotations
+
+import os
+
+TUNE_METRIC_ENV = "RAYALIGN_TUNE_METRIC"
+
+
+def tune_metric() -> tuple[str, str] | None:
+    """(sweep metric, logged name) when this process trains a sweep trial, else None."""
+    value = os.environ.get(TUNE_METRIC_ENV)
+    if not value or ":" not in value:
+        return None
+    metric, _, logged = value.partition(":")
+    return metric, logged
+
+
+def tune_callbacks() -> list:
+    """The Ray Train run callbacks of a trial: its workers' reports go on to Tune."""
+    if tune_metric() is None:
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
+
+
+class ReportToTune:
+    """Every rank, at every log that holds the followed value: ``{metric: value, "step": global_step}``
+    (every rank reports, the same number of times, as Ray Train requires)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        from stages import train_session
+
+        metric, logged = tune_metric()
+
+        class _Report(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and isinstance(logs.get(logged), (int, float)):
+                    train_session.report({metric: float(logs[logged]), "step": state.global_step})
+
+        return _Report()
