@@ -20,12 +20,20 @@ def tune_metric() -> tuple[str, str] | None:
 
 
 def tune_callbacks() -> list:
-    """The Ray Train run callbacks of a trial: its workers' reports go on to Tune."""
-    if tune_metric() is None:
+    """The Ray Train run callbacks of a trial: its workers' reports that carry the metric go on to Tune.
+    Checkpoint reports (``train.save_steps``, PPO's) do not carry it, and Tune refuses a result without
+    the sweep's metric: those stay with Ray Train."""
+    followed = tune_metric()
+    if followed is None:
         return []
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    return [TuneReportCallback()]
+    class MetricReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and followed[0] in metrics[0]:
+                super().after_report(run_context, metrics, None)
+
+    return [MetricReports()]
 
 
 class ReportToTune:

@@ -97,7 +97,7 @@ def test_shipped_sweeps_are_valid(tmp_path):
 # rung where it is worse than the better half of the trials that reached it.
 SWEEP = {"search_space": {"peft.r": [4, 16], "train.lr": [3.0e-3, 1.0e-6]}, "metric": "final_loss", "mode": "min",
          "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}}
-SWEEP_TRAIN = {"max_steps": 24, "logging_steps": 3, "lr": 3.0e-3}
+SWEEP_TRAIN = {"max_steps": 24, "logging_steps": 3, "lr": 3.0e-3, "save_steps": 12}  # checkpoint reports too
 
 
 @pytest.mark.slow
