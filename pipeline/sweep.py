@@ -19,13 +19,13 @@ and the best; downstream stages consume it like any other artifact.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.dag import DAG
+from pipeline.report_figures import is_finite_number
 from pipeline.spec import PipelineSpec, SpecError
 from pipeline.stage_run import RunError, run_exclusively, stage_fingerprint
 from pipeline.store import MANIFEST, Artifact, ArtifactStore
@@ -161,13 +161,13 @@ def sweep_runner(spec: PipelineSpec, dag: DAG, node: str, artifacts: dict[str, A
     def run(ctx: StageContext) -> StageResult:
         upstream = {parent: artifacts[parent] for parent in dag.parents[node].values()}
         results = run_sweep(spec, dag, node, ctx, upstream, store)
-        best = Artifact(node, results["best"]["fingerprint"], Path(results["best"]["artifact"]),
-                        json.loads((Path(results["best"]["artifact"]) / MANIFEST).read_text()))
-        link_tree(best.path, ctx.work_dir)
+        best_dir = Path(results["best"]["artifact"])
+        best = json.loads((best_dir / MANIFEST).read_text())
+        link_tree(best_dir, ctx.work_dir)
         plot_sweep(results, ctx.work_dir / SWEEP_PLOT)
-        manifest = {k: v for k, v in best.manifest.items() if k not in RUN_KEYS}
-        return StageResult(metrics=best.manifest.get("metrics", {}), curves=best.manifest.get("curves", {}),
-                           data=best.manifest.get("data", {}), manifest={**manifest, "sweep": results})
+        manifest = {k: v for k, v in best.items() if k not in RUN_KEYS}
+        return StageResult(metrics=best.get("metrics", {}), curves=best.get("curves", {}),
+                           data=best.get("data", {}), manifest={**manifest, "sweep": results})
 
     return run
 
@@ -212,7 +212,7 @@ def run_sweep(spec: PipelineSpec, dag: DAG, node: str, ctx: StageContext, upstre
     if results["best"] is None:
         raise RunError(f"sweep {node}: no trial finished; see {experiments / name}")
     for trial in results["trials"]:
-        shown = f"{trial['value']:.4g}" if _is_number(trial.get("value")) else "–"
+        shown = f"{trial['value']:.4g}" if is_finite_number(trial.get("value")) else "–"
         log(f"{node}:   {trial['status']:<8} {sweep.metric}={shown:<8} {trial['overrides']}")
     log(f"{node}: best {sweep.metric}={results['best']['value']:.4g} with {results['best']['overrides']}")
     return results
@@ -244,7 +244,7 @@ def results_table(spec: PipelineSpec, node: str, dag: DAG, upstream: dict[str, A
             row.update(status="stopped", value=reported.get(sweep.metric))
         trials.append(row)
     trials.sort(key=lambda r: json.dumps(r["overrides"], sort_keys=True, default=str))
-    finished = [t for t in trials if t["status"] == "ok" and _is_number(t.get("value"))]
+    finished = [t for t in trials if t["status"] == "ok" and is_finite_number(t.get("value"))]
     best = (min if sweep.mode == "min" else max)(finished, key=lambda t: t["value"]) if finished else None
     return {
         "metric": sweep.metric, "mode": sweep.mode, "search": sweep.search, "seed": sweep.seed,
@@ -262,11 +262,7 @@ def _curve(result, metric: str) -> list[dict]:
     if frame is None or metric not in frame:
         return []
     steps = frame["step"] if "step" in frame else frame["training_iteration"]
-    return [{"step": int(s), "value": float(v)} for s, v in zip(steps, frame[metric]) if _is_number(v)]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return [{"step": int(s), "value": float(v)} for s, v in zip(steps, frame[metric]) if is_finite_number(v)]
 
 
 def link_tree(source: Path, target: Path) -> None:
@@ -293,7 +289,7 @@ def plot_sweep(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = [t for t in results["trials"] if _is_number(t.get("value"))]
+    trials = [t for t in results["trials"] if is_finite_number(t.get("value"))]
     keys = [k for k in ("peft.r", "train.lr_schedule") if any(k in t["overrides"] for t in trials)]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 3.8), dpi=100, squeeze=False)
     for ax, key in zip(axes[0], keys):
