@@ -7,6 +7,7 @@
     rayalign verify CONFIG       check the stored artifacts' files against their recorded sha256
     rayalign report CONFIG       rebuild <storage>/<name>/report/index.html from the store (no training)
     rayalign submit CONFIG --address http://HEAD:8265 [--no-wait]   run it as a job on a Ray cluster
+    rayalign jobs list|status|logs|stop [JOB] [--address URL]       rayalign's jobs on that cluster
     rayalign k8s CONFIG [-o FILE]                                   render a KubeRay RayJob
     rayalign sweep CONFIG [--stage STAGE]                           Ray Tune sweep of one stage
 """
@@ -78,14 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = with_config("report", "rebuild the run report (HTML + Markdown) from the store, without training")
     report.set_defaults(handler=cmd_report)
     add_cluster_commands(with_config)
+    add_jobs_command(sub)
     return parser
 
 
 def add_cluster_commands(with_config) -> None:
     """submit, k8s and sweep: the ways out of the laptop (pipeline/submit.py, k8s.py, sweep.py)."""
     submit = with_config("submit", "run the pipeline as a Ray job on an existing cluster (Job Submission API)")
-    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--address", default=None,
+                        help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                             "then RAY_ADDRESS)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return; don't stream logs")
+    submit.add_argument("--resubmit", action="store_true",
+                        help="run it again even if the same pipeline already succeeded on the cluster")
     submit.add_argument("--working-dir", default=None,
                         help="folder uploaded as the job's working_dir (default: the project holding CONFIG)")
     submit.add_argument("--code", choices=["ship", "installed"], default="ship",
@@ -95,7 +101,8 @@ def add_cluster_commands(with_config) -> None:
                         help="pip requirement installed for the job (repeatable; the image should carry the stack)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                         help="environment variable for the job; KEY alone copies it from this shell (repeatable)")
-    submit.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
+    submit.add_argument("--python", default=None,
+                        help="python executable on the cluster (default: the one the head's Ray runs on)")
     submit.add_argument("--command", choices=["run", "sweep"], default="run",
                         help="what the job runs: rayalign run (default) or rayalign sweep")
     submit.set_defaults(handler=cmd_submit)
@@ -105,7 +112,10 @@ def add_cluster_commands(with_config) -> None:
     k8s.add_argument("--image", default=None, help="container image with rayalign installed")
     k8s.add_argument("--namespace", default=None)
     k8s.add_argument("--storage-claim", default=None, metavar="PVC",
-                     help="ReadWriteMany PVC mounted on every pod; storage goes there")
+                     help="ReadWriteMany PVC mounted on every pod; storage goes there (an object-store "
+                          "storage: its working mirror, storage_cache)")
+    k8s.add_argument("--storage-secret", default=None, metavar="SECRET",
+                     help="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become every Ray pod's environment")
     k8s.add_argument("--service-account", default=None)
     k8s.add_argument("--gpus-per-pod", type=int, default=None, metavar="N",
                      help="GPUs per worker pod, e.g. a node's 8 (NCCL within a node uses NVLink); "
@@ -123,6 +133,24 @@ def add_cluster_commands(with_config) -> None:
     sweep.add_argument("--num-samples", type=int, default=None, help="grid: repeats of each point; random: draws")
     sweep.add_argument("--max-concurrent-trials", type=int, default=None)
     sweep.set_defaults(handler=cmd_sweep)
+
+
+def add_jobs_command(sub) -> None:
+    jobs = sub.add_parser("jobs", help="rayalign's Ray jobs on a cluster: list, status, logs, stop")
+    actions = jobs.add_subparsers(dest="action", required=True)
+    for name, help_text in (("list", "every rayalign job on the cluster"), ("status", "one job's status"),
+                            ("logs", "one job's log"), ("stop", "stop a job and wait until it has stopped")):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--address", default=None,
+                            help="the cluster's dashboard (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
+        if name == "list":
+            action.add_argument("--all", action="store_true", help="other Ray jobs too")
+        else:
+            action.add_argument("job_id", metavar="JOB", help="the submission id (rayalign jobs list shows them)")
+        if name == "logs":
+            action.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+            action.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N lines")
+    jobs.set_defaults(handler=cmd_jobs)
 
 
 def _stage_list(text: str) -> list[str]:
@@ -197,15 +225,17 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from pipeline.report import store_label
     from pipeline.runner import plan
-    from pipeline.sweep import describe_trials
+    from pipeline.sweep import concurrent_resources, describe_trials
     from pipeline.spec import load_spec
-    from stages.resources import format_amounts, peak, stage_resources
+    from stages.resources import format_amounts, peak
 
     spec = load_spec(args.config, args.overrides)
     the_plan = plan(spec)
-    print(f"{spec.name}  (store: {spec.run_root()})")
-    resources = {node: stage_resources(config, node) for node, config in spec.stages.items()}
+    print(f"{spec.name}  (store: {store_label(spec)})")
+    # A swept stage asks for its concurrent trials at once, so the peak is what the cluster must hold.
+    resources = {node: concurrent_resources(config, node) for node, config in spec.stages.items()}
     for node in the_plan.dag.order:
         parents = the_plan.dag.parents[node]
         kind = spec.stages[node].kind if node in spec.stages else "base"
@@ -244,28 +274,47 @@ def cmd_verify(args) -> int:
             else:
                 print(f"  {stage:<16} {artifact.fingerprint}  ok ({recorded} files)" if recorded else
                       f"  {stage:<16} {artifact.fingerprint}  unverifiable (written without checksums)")
-    print(f"{spec.run_root()}: {damaged} damaged artifact(s)")
+    print(f"{store.location}: {damaged} damaged artifact(s)")
     return 1 if damaged else 0
 
 
 def cmd_submit(args) -> int:
+    from pipeline.jobs import ClusterUnreachable, JobConflict
     from pipeline.submit import submit
 
     try:
-        _, status = submit(args.config, args.address, args.overrides, wait=not args.no_wait,
+        _, status = submit(args.config, args.address, args.overrides, wait=not args.no_wait, resubmit=args.resubmit,
                            working_dir=args.working_dir, code=args.code, pip=args.pip, env=args.env,
                            python=args.python, command=args.command)
-    except ConnectionError as err:
-        print(f"rayalign: error: cannot reach the Ray cluster at {args.address}: {err}", file=sys.stderr)
+    except (ClusterUnreachable, JobConflict) as err:
+        print(f"rayalign: error: {err}", file=sys.stderr)
         return 2
     return 0 if status in (None, "SUCCEEDED") else 1
+
+
+def cmd_jobs(args) -> int:
+    from pipeline import jobs
+
+    try:
+        client = jobs.job_server(args.address)
+    except jobs.ClusterUnreachable as err:
+        print(f"rayalign: error: {err}", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        return jobs.list_jobs(client, include_all=args.all)
+    if args.action == "status":
+        return jobs.show_status(client, args.job_id)
+    if args.action == "logs":
+        return jobs.show_logs(client, args.job_id, follow=args.follow, tail=args.tail)
+    return jobs.stop_job(client, args.job_id)
 
 
 def cmd_k8s(args) -> int:
     from pipeline.k8s import main_k8s
 
     return main_k8s(args.config, args.overrides, args.output, args.command, image=args.image, namespace=args.namespace,
-                    storage_claim=args.storage_claim, service_account=args.service_account,
+                    storage_claim=args.storage_claim, storage_secret=args.storage_secret,
+                    service_account=args.service_account,
                     gpus_per_pod=args.gpus_per_pod, workers=args.workers, cluster_selector=args.cluster_selector)
 
 

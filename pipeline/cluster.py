@@ -72,8 +72,16 @@ def ensure_ray(spec: PipelineSpec) -> None:
 
 def cluster_address(spec: PipelineSpec) -> str | None:
     """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (as Ray's own tools read it); None means
-    a private local instance."""
-    return spec.ray.address or os.environ.get("RAY_ADDRESS") or None
+    a private local instance. Ray Client addresses are refused (ValueError, before anything runs)."""
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        source = "ray.address" if spec.ray.address else "RAY_ADDRESS"
+        # The driver reads what the Ray Train workers write (training logs, checkpoints, the store) from the
+        # same storage; over Ray Client it runs off the cluster, and Ray documents Client as unfit for Train/Tune.
+        raise ValueError(f"{source}={address}: Ray Client (ray://) is not supported; submit the pipeline as a Ray "
+                         f"job instead (rayalign submit CONFIG --address http://HEAD:8265), or run on a node of the "
+                         f"cluster with ray.address: auto")
+    return address
 
 
 def start_ray(spec: PipelineSpec) -> None:

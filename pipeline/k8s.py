@@ -13,11 +13,11 @@ RayCluster instead (``clusterSelector``, no ``rayClusterSpec``; see :func:`rende
 
 The cluster is sized from the stages' resource plans (``stages.resources``, see
 :func:`cluster_shape`): every training worker, rollout engine, reward-model actor and eval actor of
-the largest stage fits, in pods of the largest member's CPUs and, with GPUs, ``nvidia.com/gpu``
-limits of one member's GPUs or ``kubernetes.gpus_per_pod`` (``--gpus-per-pod``); ``--workers``
-asks for more pods. Each worker container has ``kubernetes.cpu_headroom`` CPUs beyond those Ray
-schedules. The head runs drivers only (``num-cpus: 0``, ``num-gpus: 0``). Pod templates:
-``pipeline.k8s_manifests``.
+the largest stage fits (a swept stage's ``max_concurrent_trials`` trials side by side), in pods
+of the largest member's CPUs and, with GPUs, ``nvidia.com/gpu`` limits of one member's GPUs or
+``kubernetes.gpus_per_pod`` (``--gpus-per-pod``); ``--workers`` asks for more pods. Each worker
+container has ``kubernetes.cpu_headroom`` CPUs beyond those Ray schedules. The head runs drivers
+only (``num-cpus: 0``, ``num-gpus: 0``). Pod templates: ``pipeline.k8s_manifests``.
 
 ``storage`` must be one filesystem shared by every pod (Ray Train writes checkpoints from the
 workers, stages read their upstream artifacts from wherever they run): give a ReadWriteMany
@@ -40,7 +40,8 @@ import yaml
 from pipeline.cluster import DRIVER_ENV, JOIN_CLUSTER
 from pipeline.k8s_manifests import CONFIG_MOUNT, ClusterShape, head_group, submitter_template, worker_group
 from pipeline.spec import KubernetesConfig, PipelineSpec, load_spec
-from stages.resources import peak, stage_resources
+from pipeline.sweep import concurrent_resources, resolve_sweep
+from stages.resources import peak
 
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are DNS-1035 labels of at most 47 characters
 CLUSTER_SELECTOR_KEY = "ray.io/cluster"  # KubeRay selects an existing RayCluster by this label (its name)
@@ -48,7 +49,8 @@ CLUSTER_SELECTOR_KEY = "ray.io/cluster"  # KubeRay selects an existing RayCluste
 
 def cluster_shape(spec: PipelineSpec, gpus_per_pod: int | None = None, workers: int | None = None) -> ClusterShape:
     """Enough worker pods for the largest stage (every training worker, rollout engine, reward-model
-    actor and eval actor it runs at once: ``stages.resources``), stages running one at a time.
+    actor and eval actor it runs at once: ``stages.resources``; a swept stage, that times its
+    ``max_concurrent_trials``: ``pipeline.sweep.concurrent_resources``), stages running one at a time.
 
     A pod holds the largest single member (its CPUs; its GPUs, or ``gpus_per_pod`` of them). CPU
     pipelines get pods of that size, as many as the peak CPUs need. GPU pipelines get
@@ -66,7 +68,7 @@ def cluster_shape(spec: PipelineSpec, gpus_per_pod: int | None = None, workers: 
 
 
 def _least_shape(spec: PipelineSpec, gpus_per_pod: int | None) -> ClusterShape:
-    plans = [stage_resources(config, name) for name, config in spec.stages.items()]
+    plans = [concurrent_resources(config, name) for name, config in spec.stages.items()]
     groups = [g for plan in plans for g in plan.groups]
     member_cpus = max((g.cpus for g in groups), default=0.0) or 1.0  # no Ray stage: one small worker
     most = peak(plans)
@@ -100,8 +102,7 @@ def render(spec: PipelineSpec, config_text: str, config_file: str = "pipeline.ya
         raise ValueError(f"cluster_selector needs submission_mode K8sJobMode, not {k8s.submission_mode}: its "
                          f"submitter pod uploads the pipeline file to the existing cluster")
     entrypoint = ["rayalign", command, config_file if selector else f"{CONFIG_MOUNT}/{config_file}"]
-    for override in [*(overrides or []), JOIN_CLUSTER] + ([f"storage={k8s.storage_mount}/runs"]
-                                                           if k8s.storage_claim else []):
+    for override in [*(overrides or []), JOIN_CLUSTER, *storage_overrides(spec, k8s)]:
         entrypoint += ["--set", override]
     job: dict = {"entrypoint": shlex.join(entrypoint), "submissionMode": k8s.submission_mode}
     if selector:  # the cluster outlives the job: no shutdown, so no TTL (which requires it)
@@ -147,12 +148,32 @@ def _selector_runtime_env(k8s: KubernetesConfig) -> dict:
     return {"working_dir": CONFIG_MOUNT, "excludes": ["..*"], "env_vars": env}
 
 
+def storage_overrides(spec: PipelineSpec, k8s: KubernetesConfig) -> list[str]:
+    """Where the job's store lives on the claim: ``storage`` itself, or with an object-store ``storage``
+    the store's working mirror (``storage_cache``), which every pod must share as well."""
+    if not k8s.storage_claim:
+        return []
+    if spec.storage_uri() is not None:
+        return [f"storage_cache={k8s.storage_mount}/cache"]
+    return [f"storage={k8s.storage_mount}/runs"]
+
+
 def warnings(spec: PipelineSpec, k8s: KubernetesConfig) -> list[str]:
     """Things that render fine but would fail (or lose results) on a cluster."""
     found = []
-    if not k8s.storage_claim:
+    remote = spec.storage_uri() is not None
+    if not k8s.storage_claim and remote:
+        # Ray Train's rank 0 saves the model into the store's local mirror on its own pod, and the job's
+        # driver uploads it from the head: the mirror must be one folder for both.
+        found.append(f"no storage claim: storage {spec.storage!r} is an object store, but its working mirror "
+                     f"(storage_cache) must be shared by the pods; pass --storage-claim (a ReadWriteMany PVC, "
+                     f"mounted as <mount>/cache)")
+    elif not k8s.storage_claim:
         found.append(f"no storage claim: storage {spec.storage!r} is not shared by the pods; pass --storage-claim "
                      f"(a ReadWriteMany PVC) or set an absolute path every pod mounts")
+    if remote and not k8s.storage_secret:
+        found.append("no kubernetes.storage_secret: the pods read object-store credentials from their environment "
+                     "only (an IAM role for the service account, workload identity); else name the Secret")
     from stages.stage import data_sources
 
     for name, stage in spec.stages.items():
@@ -183,8 +204,6 @@ def render_file(config: str, overrides: list[str] | None = None, command: str = 
     """``rayalign k8s``: the manifests' text for a pipeline file, and the warnings."""
     spec = load_spec(config, overrides)
     if command == "sweep":
-        from pipeline.sweep import resolve_sweep
-
         resolve_sweep(spec)  # a bad search space fails here, not in the cluster
     text = Path(config).read_text()
     documents = render(spec, text, Path(config).name, overrides=overrides, command=command, **options)

@@ -51,6 +51,11 @@ def pod_env(k8s: KubernetesConfig) -> list[dict]:
     return env
 
 
+def env_from(k8s: KubernetesConfig) -> dict:
+    """The object-store credentials Secret as environment variables (pyarrow reads AWS_* from there)."""
+    return {"envFrom": [{"secretRef": {"name": k8s.storage_secret}}]} if k8s.storage_secret else {}
+
+
 def storage(k8s: KubernetesConfig) -> tuple[list[dict], list[dict]]:
     """The claim's volume mounts and volumes (none without a claim)."""
     if not k8s.storage_claim:
@@ -66,6 +71,7 @@ def head_group(k8s: KubernetesConfig, config_map: str) -> dict:
         "name": "ray-head",
         "image": k8s.image,
         "env": pod_env(k8s),
+        **env_from(k8s),
         "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}],
         "resources": _resources(k8s.head_cpu, k8s.head_memory),
@@ -90,6 +96,7 @@ def worker_group(k8s: KubernetesConfig, shape: ClusterShape) -> dict:
         "name": "ray-worker",
         "image": k8s.image,
         "env": pod_env(k8s),
+        **env_from(k8s),
         "resources": {"limits": limits, "requests": dict(limits)},
         "securityContext": container_security_context(),
         # torch.distributed (gloo, NCCL) and DeepSpeed need more /dev/shm than a container's 64 MiB.

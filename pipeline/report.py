@@ -27,6 +27,7 @@ from pathlib import Path
 from pipeline.spec import PipelineSpec
 from pipeline.report_figures import Figure, Node, STATUS_COLORS, is_finite_number, eval_figures, plot_curves, plot_dag, plot_reward_kl, reward_kl_curves
 from pipeline.store import MANIFEST, Artifact, ArtifactStore, now
+from stages.remote_storage import RemoteFolder
 
 
 
@@ -205,7 +206,7 @@ def render_html(spec: PipelineSpec, nodes: list[Node], dag_figure: Figure, secti
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>rayalign report: {_e(spec.name)}"
            f"</title><style>{CSS}</style></head><body data-images='pending'><main>",
            f"<h1>rayalign report: {_e(spec.name)}</h1>",
-           f"<div class='muted'>store <code>{_e(spec.run_root())}</code> · generated {_e(now())} · "
+           f"<div class='muted'>store <code>{_e(store_label(spec))}</code> · generated {_e(now())} · "
            f"{sum(n.status in ('complete', 'external') for n in nodes)}/{len(nodes)} nodes complete</div>",
            "<h2 id='dag'>Pipeline</h2>", _img(dag_figure),
            "<table id='stages'><tr><th>stage</th><th>kind</th><th>inputs</th><th>status</th><th>fingerprint</th>"
@@ -338,7 +339,7 @@ def sweep_html(sweep: dict) -> list[str]:
 
 def render_markdown(spec: PipelineSpec, nodes: list[Node], sections: list[dict], sweeps: list[dict],
                     images: dict[str, str]) -> str:
-    lines = [f"# rayalign report: {spec.name}", "", f"Store `{spec.run_root()}`, generated {now()}.", "",
+    lines = [f"# rayalign report: {spec.name}", "", f"Store `{store_label(spec)}`, generated {now()}.", "",
              f"![pipeline]({images['dag']})", "", "| stage | kind | inputs | status | fingerprint | time |",
              "|---|---|---|---|---|---|"]
     for node in nodes:
@@ -426,7 +427,15 @@ def build_report(spec: PipelineSpec, inputs: dict[str, str] | None = None) -> Pa
     index = out / "index.html"
     _write(index, render_html(spec, nodes, dag_figure, sections, sweeps))
     _write(out / "report.md", render_markdown(spec, nodes, sections, sweeps, images))
+    if (uri := spec.storage_uri()) is not None:  # an object store: the report lives beside the artifacts
+        RemoteFolder(uri).child("report").upload_tree(out)
     return index
+
+
+def store_label(spec: PipelineSpec) -> str:
+    """Where the store is, for people: the object-store folder (without its options) or the local folder."""
+    uri = spec.storage_uri()
+    return str(RemoteFolder(uri)) if uri is not None else str(spec.run_root())
 
 
 def _write(path: Path, text: str) -> None:

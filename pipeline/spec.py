@@ -26,12 +26,14 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from stages.config import BaseConfig, ConfigModel, StageConfig, TrackingConfig, suggest
 from stages.registry import BASE_KIND, stage_configs
+from stages.remote_storage import RemoteFolder, default_mirror, is_remote, register_mirror, storage_problem
 
 
 class SpecError(ValueError):
@@ -70,7 +72,8 @@ class KubernetesConfig(ConfigModel):
     storage_claim: str | None = Field(
         None, description="PVC (ReadWriteMany: NFS, CephFS, EFS, Filestore) mounted on every pod; holds `storage`."
     )
-    storage_mount: str = Field("/mnt/rayalign", description="Where the claim is mounted; storage becomes <mount>/runs.")
+    storage_mount: str = Field("/mnt/rayalign", description="Where the claim is mounted; storage becomes <mount>/runs (with an object-store storage: "
+                               "storage_cache becomes <mount>/cache).")
     ray_version: str = "2.60.0"
     ttl_seconds_after_finished: int = Field(
         3600, ge=0, description="Delete the job's Ray cluster this long after the job ends (the RayJob object stays)."
@@ -80,6 +83,10 @@ class KubernetesConfig(ConfigModel):
     worker_memory: str = Field("8Gi", description="Memory of each worker pod (one Ray Train worker per pod).")
     hf_token_secret: str | None = Field(
         None, description="Secret (key HF_TOKEN) exposed as HF_TOKEN in the pods; the token never enters the manifest."
+    )
+    storage_secret: str | None = Field(
+        None, description="Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) become environment "
+        "variables of every Ray pod (envFrom), for an object-store `storage`; never literal in the manifest."
     )
     hub_offline: bool = Field(True, description="HF_HUB_OFFLINE in the pods; false lets them download hub models.")
     gpus_per_pod: int | None = Field(
@@ -110,7 +117,15 @@ class KubernetesConfig(ConfigModel):
 class PipelineSpec(ConfigModel):
     # The run's folder under storage: never "." or "..".
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-    storage: str = "runs"
+    storage: str = Field(
+        "runs", description="The artifact store: a folder (relative to this file), or an object-store URI that "
+        "pyarrow reads (s3://bucket/prefix, with options such as ?endpoint_override=host:port&scheme=http; "
+        "credentials from the environment, never in the URI)."
+    )
+    storage_cache: str | None = Field(
+        None, description="With an object-store `storage`: this host's working folder, a local mirror of the "
+        "store that stages write into before upload; default ~/.cache/rayalign/storage/<scheme>/<bucket>/<prefix>."
+    )
     ray: RayConfig = RayConfig()
     base: BaseConfig = BaseConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -129,6 +144,13 @@ class PipelineSpec(ConfigModel):
                              f"(without stage:)")
         return raw
 
+    @field_validator("storage")
+    @classmethod
+    def _usable_storage(cls, storage: str) -> str:
+        if problem := storage_problem(storage):
+            raise ValueError(problem.removeprefix("storage: "))  # the error names the key
+        return storage
+
     @field_validator("stages")
     @classmethod
     def _safe_names(cls, stages: dict[str, StageConfig]) -> dict[str, StageConfig]:
@@ -139,13 +161,30 @@ class PipelineSpec(ConfigModel):
         return stages
 
     def storage_root(self) -> Path:
-        root = Path(os.path.expanduser(self.storage))
+        """The local folder of the store: ``storage`` itself, or, for an object store, this host's mirror."""
+        if is_remote(self.storage):
+            local = os.path.expanduser(self.storage_cache) if self.storage_cache else default_mirror(self.storage)
+        else:
+            local = os.path.expanduser(urlsplit(self.storage).path if self.storage.startswith("file://")
+                                       else self.storage)
+        root = Path(local)
         if not root.is_absolute() and self.source is not None:
             root = self.source.parent / root
         return root.resolve()
 
+    def storage_uri(self) -> str | None:
+        """The run's folder on the object store (``<storage>/<name>``, options kept), or None for a local store."""
+        if not is_remote(self.storage):
+            return None
+        return RemoteFolder(self.storage).child(self.name).uri
+
     def run_root(self) -> Path:
-        return self.storage_root() / self.name
+        """The run's local folder; with an object store, its mirror (registered, so that every
+        ``ArtifactStore`` opened on it reads and writes the object store)."""
+        root = self.storage_root() / self.name
+        if (uri := self.storage_uri()) is not None:
+            register_mirror(root, uri)
+        return root
 
     def resolve_path(self, path: str) -> str:
         """A data or model path as written in the file, made absolute against the file's folder."""

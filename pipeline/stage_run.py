@@ -74,7 +74,7 @@ def run_exclusively(spec: PipelineSpec, dag: DAG, node: str, fp: str, artifacts:
     except StageLocked as err:
         raise RunError(f"{err}; rerun without --no-wait to wait for it") from None
     except OSError as err:  # the stage's own errors arrive as RunError: this is the store itself
-        raise RunError(f"stage {node!r}: cannot write to the store {store.root}: {err}") from err
+        raise RunError(f"stage {node!r}: cannot write to the store {store.location}: {err}") from err
 
 
 def run_services(spec: PipelineSpec, store: ArtifactStore, resources: StageResources | None = None) -> RunServices:
@@ -82,6 +82,8 @@ def run_services(spec: PipelineSpec, store: ArtifactStore, resources: StageResou
     stage's ``resources`` plan, connecting to Ray checks that the cluster can hold it (fail fast)."""
 
     def earlier_outputs(stage: str) -> list[Path]:
+        if store.remote is not None:  # their mirrors: the files of those this host never fetched are absent
+            return [a.path for a in store.complete(stage)]
         folder = store.stage_dir(stage)
         found = [a for d in folder.iterdir() if not d.name.startswith(".") and (a := store.find(stage, d.name))] \
             if folder.is_dir() else []
@@ -90,6 +92,7 @@ def run_services(spec: PipelineSpec, store: ArtifactStore, resources: StageResou
     return RunServices(
         pipeline=spec.name,
         run_root=spec.run_root(),
+        storage_uri=spec.storage_uri(),
         base=spec.base,
         tracking=spec.tracking,
         stage_kinds={name: config.kind for name, config in spec.stages.items()},
@@ -109,8 +112,11 @@ def run_stage(
     run (a sweep: its trials, then the best one promoted)."""
     config = spec.stages.get(node, spec.base if node == BASE else None)
     kind = BASE if node == BASE else config.kind
+    try:  # an object store's inputs come down into the mirror, checked against their manifests
+        inputs = {role: store.fetch(artifacts[parent]) for role, parent in dag.parents[node].items()}
+    except StoreError as err:
+        raise RunError(str(err)) from err
     work_dir = store.start_attempt(node, fp)
-    inputs = {role: artifacts[parent] for role, parent in dag.parents[node].items()}
     resources = stage_resources(config, node) if node != BASE else None
     ctx = StageContext(name=node, config=config, inputs=inputs, work_dir=work_dir, fingerprint=fp,
                        run=run_services(spec, store, resources))

@@ -1,11 +1,15 @@
 """Run a pipeline on an existing Ray cluster as a Ray job: ``rayalign submit CONFIG --address URL``.
 
-    rayalign submit configs/tiny.yaml --address http://HEAD:8265 [--set KEY=VALUE] [--no-wait]
+    rayalign submit configs/tiny.yaml --address http://HEAD:8265 [--set KEY=VALUE] [--no-wait] [--resubmit]
 
 This uses Ray's Job Submission SDK (``ray.job_submission.JobSubmissionClient``, the dashboard's
-HTTP port, 8265). The job's entrypoint is ``python -m pipeline.cli run CONFIG --set
+HTTP port, 8265). The job's entrypoint is ``PYTHON -m pipeline.cli run CONFIG --set
 ray.address=auto`` (the driver joins the cluster it runs on instead of starting a local Ray;
-``--command sweep`` runs ``rayalign sweep`` instead), and its ``runtime_env`` carries:
+``--command sweep`` runs ``rayalign sweep`` instead). PYTHON is ``--python``, else the interpreter the
+head's Ray runs on (read from the dashboard), else ``python`` from the cluster's PATH. The submission id
+is stable (``pipeline.jobs.submission_id``): a pipeline that is still running is not submitted twice,
+and one that succeeded is recognised instead of rerun. A job that fails ends ``submit`` with exit 1 and
+its log's tail. The job's ``runtime_env`` carries:
 
 * ``working_dir``: the project folder (the nearest folder above CONFIG holding ``pipeline/``
   and ``stages/``; or ``--working-dir``), uploaded as a zip that respects ``.gitignore`` and
@@ -26,29 +30,29 @@ ray.address=auto`` (the driver joins the cluster it runs on instead of starting 
 path would resolve inside the job's temporary working_dir copy and vanish with it; submit
 warns, and ``--set storage=/shared/runs`` fixes it.
 
-Joining a cluster from your own shell instead: ``ray.address: auto`` (on a cluster node) or
-``ray.address: ray://HEAD:10001`` (Ray Client) in the pipeline file makes ``rayalign run``
-connect to that cluster; the driver then runs where you are, and stops when your shell does.
+Joining a cluster from your own shell instead: ``ray.address: auto`` or ``HEAD:6379`` (on a machine
+that is a node of the cluster) in the pipeline file, or ``RAY_ADDRESS``, makes ``rayalign run``
+connect to that cluster; the driver then runs where you are, and stops when your shell does. Ray
+Client (``ray://``) is refused: Ray Train does not run over it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shlex
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from pipeline.cluster import JOIN_CLUSTER
+from pipeline.jobs import (ACTIVE, JobConflict, cluster_python, failure_summary, follow_logs, job_info,
+                           job_server, submission_id, wait_for)
 from pipeline.spec import PipelineSpec, load_spec
 
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 WORKING_DIR_EXCLUDES = [".git", ".venv", ".venv-*", "**/__pycache__", "*.egg-info", ".pytest_cache", "runs"]
 CODE_PACKAGES = ("pipeline", "stages")
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def project_root(config: Path) -> Path:
@@ -95,7 +99,7 @@ def build_job(config: str | Path, overrides: list[str] | None = None, *, working
     return {
         "entrypoint": shlex.join(entrypoint),
         "runtime_env": runtime_env,
-        "submission_id": f"rayalign-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}",
+        "submission_id": submission_id(spec, overrides, command),
         "metadata": {"rayalign.pipeline": spec.name, "rayalign.config": relative.as_posix()},
         "spec": spec,
     }
@@ -135,10 +139,6 @@ def _excludes(spec: PipelineSpec, root: Path) -> list[str]:
     return excludes
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "pipeline"
-
-
 def storage_warning(spec: PipelineSpec) -> str | None:
     if os.path.isabs(os.path.expanduser(spec.storage)):
         return None
@@ -158,33 +158,57 @@ def describe(job: dict) -> list[str]:
     return lines
 
 
-def submit(config: str | Path, address: str, overrides: list[str] | None = None, *, wait: bool = True,
-           out=None, **job_options) -> tuple[str, str | None]:
-    """Submit the pipeline; with ``wait``, stream its logs and return (job id, final status)."""
-    from ray.job_submission import JobSubmissionClient
+def submit(config: str | Path, address: str | None, overrides: list[str] | None = None, *, wait: bool = True,
+           resubmit: bool = False, out=None, python: str | None = None, **job_options) -> tuple[str, str | None]:
+    """Submit the pipeline; with ``wait``, stream its logs and return (job id, final status).
 
+    Raises JobConflict when the same pipeline is pending or running there; returns its status without
+    submitting when it already succeeded (unless ``resubmit``)."""
     out = out or sys.stdout
-    job = build_job(config, overrides, **job_options)
+    client = job_server(address)
+    address = client.get_address()
+    python = python or cluster_python(client)
+    if python is None:
+        python = "python"
+        print("rayalign: warning: the cluster's dashboard does not show the interpreter its Ray runs on; the job "
+              "runs `python` from the head's PATH (pass --python to choose)", file=sys.stderr)
+    job = build_job(config, overrides, python=python, **job_options)
     spec = job.pop("spec")
     warning = storage_warning(spec)
     if warning:
         print(f"rayalign: warning: {warning}", file=sys.stderr)
-    client = JobSubmissionClient(address)
+    job_id = job["submission_id"]
+    earlier = job_info(client, job_id)
+    if earlier is not None:
+        status = str(earlier.status.value)
+        if status in ACTIVE:
+            raise JobConflict(f"{job_id} (this pipeline, with these overrides) is already {status} on {address}; "
+                              f"follow it with: rayalign jobs logs {job_id} --follow --address {address}")
+        if status == "SUCCEEDED" and not resubmit:
+            print(f"{job_id} already SUCCEEDED on {address}; not submitted again (its artifacts are in the "
+                  f"cluster's store; --resubmit runs it again)", file=out)
+            return job_id, status
+        client.delete_job(job_id)  # the id is the pipeline's: its old record makes way for the new run
+        print(f"resubmitting {job_id} (the earlier run {status})", file=out)
     job_id = submit_with_retry(client, job)
     print(f"submitted {job_id} to {address}", file=out)
     for line in describe(job):
         print(f"  {line}", file=out)
     out.flush()
     if not wait:
-        print(f"follow it with: ray job logs --follow {job_id} --address {address}", file=out)
+        print(f"follow it with: rayalign jobs logs {job_id} --follow --address {address}", file=out)
         return job_id, None
     try:
-        asyncio.run(_stream(client, job_id, out))
+        follow_logs(client, job_id, out)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {address})", file=out)
+        print(f"\nstopped following; the job keeps running (rayalign jobs stop {job_id} --address {address})",
+              file=out)
         return job_id, None
     status = wait_for(client, job_id)
     print(f"job {job_id}: {status}", file=out)
+    if status != "SUCCEEDED":
+        print("\n".join(f"rayalign: {line}" if i == 0 else line
+                        for i, line in enumerate(failure_summary(client, job_id, status))), file=sys.stderr)
     return job_id, status
 
 
@@ -198,19 +222,3 @@ def submit_with_retry(client, job: dict, timeout_s: float = 120.0) -> str:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
             time.sleep(2)
-
-
-async def _stream(client, job_id: str, out) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        out.write(chunk)
-        out.flush()
-
-
-def wait_for(client, job_id: str, timeout_s: float = 60.0) -> str:
-    """The job's terminal status (the log stream can end a moment before the status flips)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = str(client.get_job_status(job_id).value)
-        if status in TERMINAL or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)

@@ -5,8 +5,8 @@ The Ray Train V2 pattern (Ray's "Hyperparameter Tuning with Ray Tune" guide): a 
 :func:`run_trial` once per trial; each trial is an ordinary run of the stage with its overrides
 (``pipeline.stage_run``): its artifact lands in the store under its own fingerprint, so a trial that
 finished before is a cache hit. Inside a trial the stage's workers report the metric at every logging
-step (``stages.tune_report``), which is what lets ASHA stop a bad trial early; a stopped trial is
-recorded as ``stopped``, not failed.
+step, a PPO/GRPO stage's at every iteration (``stages.tune_report``), which is what lets ASHA stop a
+bad trial early; a stopped trial is recorded as ``stopped``, not failed.
 
 The sweep node's fingerprint covers the stage config with its ``sweep:`` section (space, search,
 seed, metric, scheduler), so a finished sweep is one cache hit, and a rerun launches no trial. An
@@ -19,8 +19,10 @@ and the best; downstream stages consume it like any other artifact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +32,14 @@ from pipeline.spec import PipelineSpec, SpecError
 from pipeline.stage_run import RunError, run_exclusively, stage_fingerprint
 from pipeline.store import MANIFEST, Artifact, ArtifactStore
 from stages.log import log
+from stages.resources import ResourceGroup, StageResources, stage_resources
 from stages.stage import StageContext, StageResult
-from stages.sweep_config import SearchDimension, checked_space, trial_config
+from stages.sweep_config import SearchDimension, SweepConfig, checked_space, trial_config
 from stages.tune_report import TUNE_METRIC_ENV
 
 # Logical memory each trial's driver reserves instead of a CPU (it only waits on its Train workers).
 TRIAL_MEMORY_BYTES = 256 * 1024**2
+TRIAL_DRIVER = "sweep trial driver"  # a ResourceGroup role: the Tune trial that runs one stage run
 SWEEP_PLOT = "sweep.png"
 # What a trial's manifest says about the stage run, not about the model: not carried to the sweep's.
 RUN_KEYS = {"stage", "fingerprint", "status", "inputs", "input_roles", "config", "fingerprint_parts", "started",
@@ -62,7 +66,10 @@ def resolve_sweep(spec: PipelineSpec, stage: str | None = None) -> tuple[str, di
 def trial_spec(spec: PipelineSpec, stage: str, overrides: dict[str, Any]) -> PipelineSpec:
     """The pipeline as one trial sees it: the stage's overrides applied (no sweep), storage made absolute."""
     copy = spec.model_copy(deep=True)
-    copy.storage = str(spec.storage_root())
+    if spec.storage_uri():
+        copy.storage_cache = str(spec.storage_root())  # the object-store URI stays; its local mirror is made absolute
+    else:
+        copy.storage = str(spec.storage_root())
     copy.stages = {**spec.stages, stage: trial_config(spec.stages[stage], overrides)}
     return copy
 
@@ -106,6 +113,30 @@ def param_space(space: dict[str, SearchDimension], search: str) -> dict[str, Any
         else:
             result[key] = tune.randint(*dim.randint)
     return result
+
+
+def trial_count(sweep: SweepConfig) -> int:
+    """How many trials the sweep launches: grid, every grid point ``num_samples`` times; random, ``num_samples``."""
+    if sweep.search == "random":
+        return sweep.num_samples
+    points = math.prod(len(d.grid) for d in sweep.search_space.values() if d.grid is not None)
+    return points * sweep.num_samples
+
+
+def concurrent_resources(config, stage: str) -> StageResources:
+    """What a stage asks Ray for at once (``stages.resources``): a swept stage runs up to
+    ``max_concurrent_trials`` trials (never more than it has) side by side, each the whole stage
+    (every group times that), and each trial's driver holds ``trial_cpus``. ``rayalign k8s`` sizes
+    its worker pods from this."""
+    plan = stage_resources(config, stage)
+    sweep = getattr(config, "sweep", None)
+    if sweep is None or not plan.uses_ray:
+        return plan
+    trials = min(sweep.max_concurrent_trials, trial_count(sweep))
+    groups = tuple(replace(g, count=g.count * trials) for g in plan.groups)
+    if sweep.trial_cpus:
+        groups += (ResourceGroup(TRIAL_DRIVER, trials, sweep.trial_cpus, 0.0, memory=TRIAL_MEMORY_BYTES),)
+    return StageResources(plan.stage, groups, plan.notes)
 
 
 def describe_trials(spec: PipelineSpec, node: str, upstream: dict[str, str]) -> list[str]:
@@ -194,8 +225,12 @@ def run_sweep(spec: PipelineSpec, dag: DAG, node: str, ctx: StageContext, upstre
         if sweep.scheduler.name == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
+            # stop_last_trials=False: a trial past max_t reports runs on to its end. Tune's default stops it
+            # there, and a stage stopped after its last step (a PPO trial reports every iteration, so max_t
+            # can be its length) never commits the model it trained.
             scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=sweep.scheduler.grace_period,
-                                      reduction_factor=sweep.scheduler.reduction_factor, max_t=sweep.scheduler.max_t)
+                                      reduction_factor=sweep.scheduler.reduction_factor, max_t=sweep.scheduler.max_t,
+                                      stop_last_trials=False)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space, sweep.search),

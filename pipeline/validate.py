@@ -7,7 +7,9 @@
 the spec's own errors (unknown keys, types, stage names) come earlier, from ``pipeline.spec``. In order:
 
 1. the DAG: every reference names a stage, no cycle (``pipeline.dag``);
-2. the environment: the tracking backend's package imports; a ``reward_fn: module:function`` imports;
+2. the environment: the tracking backend's package imports; a ``reward_fn: module:function`` imports; the
+   stage's peft method against ``stages.method_support`` (kind, ZeRO stage, rollout engine; and no stage
+   starts from an output that cannot be merged: prompt/prefix tuning, bottleneck adapters);
 3. the base model: a builtin name, a Hugging Face model folder (``config.json`` and weights), or a hub
    id; for a local run (no ``ray.address``, no ``RAY_ADDRESS``) a hub id must be in the local cache;
 4. the machine, for a local run: ``scaling.use_gpu`` needs a visible GPU, and each stage must fit the
@@ -19,7 +21,7 @@ the spec's own errors (unknown keys, types, stage names) come earlier, from ``pi
    ``{% generation %}`` markers where ``assistant_only_loss`` needs them; TRL's length rules keep some
    records (sft: the prompt before the first assistant token under ``max_length``; dpo: the prompt under
    ``max_length``; reward: both sides at most ``max_length``), and every PPO prompt plus
-   ``rollout.max_new_tokens`` fits the model's context.
+   ``rollout.max_new_tokens`` fits the model's context; ``peft.method: bitfit`` needs a model with biases.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from typing import Any
 from pipeline.cluster import cluster_address
 from pipeline.dag import BASE, build_dag
 from pipeline.spec import PipelineSpec
+from stages.adaptation import bitfit_problem
 from stages.config import TrainingStageConfig, suggest
+from stages.method_support import consumer_problem, support_problem
 
 # Tracking backend -> the packages its Hugging Face callback imports (any one of them).
 TRACKING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
@@ -67,6 +71,7 @@ def validate_pipeline(spec: PipelineSpec, stages: Iterable[str] | None = None,
     check_tracking(spec)
     for name in names:
         check_reward_fn(name, spec.stages[name], spec)
+        check_method_support(spec, name, inputs)
     if BASE not in inputs:
         lines += check_base_model(spec)
     lines += check_machine(spec, names)
@@ -271,6 +276,7 @@ class ModelFacts:
     module_names: tuple[str, ...]
     linear_names: tuple[str, ...]  # the distinct last parts of its nn.Linear modules (q_proj, ...)
     context: int | None  # max_position_embeddings
+    parameter_names: tuple[str, ...] = ()  # what BitFit would train (its *.bias entries)
 
 
 def upstream_model(spec: PipelineSpec, name: str, inputs: dict[str, str]) -> tuple[str, str]:
@@ -304,10 +310,11 @@ def _builtin_facts(name: str) -> ModelFacts:
     """The builtin tiny base as ``stages.tiny_base`` builds it (its defaults), on the meta device: no weights."""
     import torch
 
-    from stages.tiny_base import build_char_tokenizer, build_llama, build_tiny_base
+    from stages.tiny_base import VARIANTS, build_char_tokenizer, build_llama, build_tiny_base
 
     defaults = {k: p.default for k, p in inspect.signature(build_tiny_base).parameters.items()
                 if p.default is not inspect.Parameter.empty}
+    defaults.update(VARIANTS.get(name, {}))  # tiny-llama-bias: biases in every projection
     tokenizer = build_char_tokenizer(model_max_length=defaults["max_position_embeddings"])
     shape = {k: defaults[k] for k in inspect.signature(build_llama).parameters if k in defaults}
     with torch.device("meta"):
@@ -343,7 +350,7 @@ def _facts(where: str, tokenizer, model) -> ModelFacts:
     names = tuple(n for n, _ in model.named_modules() if n)
     linear = tuple(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}))
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return ModelFacts(where, tokenizer, names, linear, context)
+    return ModelFacts(where, tokenizer, names, linear, context, tuple(n for n, _ in model.named_parameters()))
 
 
 def check_stage_model(spec: PipelineSpec, name: str, facts: ModelFacts, data: dict[str, Any],
@@ -351,6 +358,8 @@ def check_stage_model(spec: PipelineSpec, name: str, facts: ModelFacts, data: di
     """Target modules, chat template and TRL's length rules for one training stage."""
     config = spec.stages[name]
     check_target_modules(name, config, facts)
+    if config.peft.method == "bitfit" and (problem := bitfit_problem(facts.parameter_names, facts.where)):
+        raise ValidationFailed(f"stages.{name}.peft.method: {problem}")
     if not data:
         return []
     template, template_from = stage_template(spec, name, facts)
@@ -363,11 +372,30 @@ def check_stage_model(spec: PipelineSpec, name: str, facts: ModelFacts, data: di
     return check_lengths(name, config, facts, template, data, {} if memo is None else memo)
 
 
+def check_method_support(spec: PipelineSpec, name: str, inputs: dict[str, str]) -> None:
+    """``stages.method_support``: the stage's peft method against its kind, ZeRO stage and rollout engine
+    (every training kind, PPO and GRPO included), and each upstream it takes a model from must be one a
+    later stage can load as full weights (not given with ``--input``: that folder is checked as it is)."""
+    config = spec.stages[name]
+    if isinstance(config, TrainingStageConfig):
+        rollout = getattr(config, "rollout", None)
+        if problem := support_problem(config.kind, config.peft, config.deepspeed.zero_stage,
+                                      getattr(rollout, "engine", None)):
+            key, _, rest = problem.partition(": ")
+            raise ValidationFailed(f"stages.{name}.{key}: {rest}")
+    for role, upstream in config.upstream().items():
+        source = spec.stages.get(upstream)
+        if upstream in inputs or not isinstance(source, TrainingStageConfig):
+            continue
+        if problem := consumer_problem(upstream, source.peft.method):
+            raise ValidationFailed(f"stages.{name}.{role.split('[')[0]}: {problem}")
+
+
 def check_target_modules(name: str, config: TrainingStageConfig, facts: ModelFacts) -> None:
     """LoRA ``target_modules`` (names: a module's last parts; a string: a regex over full names) and
     ``modules_to_save`` must name modules the model has (peft would skip a missing name, or fail in a worker)."""
     peft = config.peft
-    if peft.method in ("full", "prompt_tuning"):
+    if peft.method in ("full", "prompt_tuning", "prefix_tuning", "adapter"):  # no target modules
         return
     names = facts.module_names + (("score",) if config.kind == "reward" else ())
     for field, targets in (("target_modules", peft.target_modules), ("modules_to_save", peft.modules_to_save)):

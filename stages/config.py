@@ -67,14 +67,30 @@ ChatTemplateChoice = Annotated[str | None, AfterValidator(known_chat_template)]
 
 
 class PeftConfig(ConfigModel):
-    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "bitfit"] = Field(
-        "lora", description="bitfit: only the model's biases train (stages.adaptation; peft has no BitFit).")
+    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit",
+                    "adapter"] = Field(
+        "lora", description="bitfit: only the model's biases train (stages.adaptation; peft has no BitFit). adapter: "
+                            "bottleneck adapters (stages.bottleneck_adapter). Where each method runs (stage kind, "
+                            "ZeRO stage, rollout engine): stages.method_support.")
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] | None = None
-    num_virtual_tokens: int = Field(16, ge=1, description="prompt_tuning only.")
+    num_virtual_tokens: int = Field(16, ge=1, description="prompt_tuning and prefix_tuning: virtual tokens learned.")
+    prompt_init_text: str | None = Field(
+        None, min_length=1, description="prompt_tuning: start the virtual tokens at this text's token embeddings "
+                                        "(peft prompt_tuning_init TEXT, tokenized by the stage's starting model; "
+                                        "repeated or cut to num_virtual_tokens). None: random.")
+    prefix_projection: bool = Field(
+        True, description="prefix_tuning: learn the prefix through peft's reparameterisation MLP (embedding -> "
+                          "Linear -> tanh -> Linear to every layer's keys and values) instead of directly.")
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, description="prefix_tuning with prefix_projection: the MLP's hidden width (None: the model's "
+                                "key/value width, peft's default).")
+    adapter_size: int = Field(64, ge=1, description="adapter: the bottleneck width (hidden -> size -> hidden).")
+    adapter_activation: Literal["gelu", "relu", "silu", "tanh"] = Field(
+        "gelu", description="adapter: the nonlinearity between the down and up projections.")
     use_rslora: bool = Field(False, description="lora/qlora/dora: rank-stabilised scaling alpha/sqrt(r) "
                                                 "instead of alpha/r.")
     init: Literal["default", "pissa", "olora"] = Field(
@@ -98,6 +114,33 @@ class PeftConfig(ConfigModel):
                                  "use method lora, or init olora with qlora")
         if self.quant_bits != 4 and self.method != "qlora":
             raise ValueError(f"peft.quant_bits applies to qlora only, not {self.method!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_options_fit_the_method(self) -> PeftConfig:
+        """The virtual-token and bottleneck options only with the methods that have them."""
+        virtual = ("prompt_tuning", "prefix_tuning")
+
+        def given(field: str) -> bool:
+            # A value other than the default, not "was written": a dumped config (a sweep trial's, the one a
+            # Ray worker validates back) carries every default and must validate again.
+            return getattr(self, field) != type(self).model_fields[field].default
+
+        if given("num_virtual_tokens") and self.method not in virtual:
+            raise ValueError(f"peft.num_virtual_tokens applies to prompt_tuning and prefix_tuning, not {self.method!r}")
+        if self.prompt_init_text is not None and self.method != "prompt_tuning":
+            raise ValueError(f"peft.prompt_init_text applies to prompt_tuning, not {self.method!r}"
+                             + (" (a prefix is keys and values in every layer, not input embeddings a text could "
+                                "start)" if self.method == "prefix_tuning" else ""))
+        if given("prefix_projection") and self.method != "prefix_tuning":
+            raise ValueError(f"peft.prefix_projection applies to prefix_tuning, not {self.method!r}")
+        for field in ("adapter_size", "adapter_activation"):
+            if given(field) and self.method != "adapter":
+                raise ValueError(f"peft.{field} applies to adapter, not {self.method!r}")
+        if self.encoder_hidden_size is not None and not (self.method == "prefix_tuning" and self.prefix_projection):
+            raise ValueError("peft.encoder_hidden_size is the width of prefix_tuning's reparameterisation MLP: it "
+                             "needs method prefix_tuning with prefix_projection true"
+                             + ("" if self.method == "prefix_tuning" else f" (method is {self.method!r})"))
         return self
 
     @field_validator("target_modules")
@@ -158,6 +201,9 @@ class ScalingConfig(ConfigModel):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills a node first (NCCL within a node); "
+                            "STRICT_SPREAD puts each worker on its own node.")
 
 
 class DeepSpeedConfig(ConfigModel):

@@ -34,6 +34,7 @@ from stages import launcher, preference_losses, training_data
 from stages.config import TrainingStageConfig
 from stages.launcher import WORKER_INFO
 from stages.log import stage_log
+from stages.method_support import check_support
 from stages.stage import StageContext, StageKind, StageResult
 from stages.training_curves import summarize_training
 from stages.training_data import periodic_eval, with_default_eval
@@ -71,6 +72,12 @@ class DPOConfig(TrainingStageConfig):
         if self.peft.init != "default":
             raise ValueError(f"peft.init: {self.peft.init} moves the base weights into the adapter, so the policy "
                              f"with the adapter off (DPO's reference) is not the starting model; use init: default")
+        return self
+
+    @model_validator(mode="after")
+    def _method_runs_here(self) -> DPOConfig:
+        """The peft method against this kind, ZeRO stage (and rollout engine): ``stages.method_support``."""
+        check_support(self)
         return self
 
     def record_kind(self, field_name: str, default: str) -> str:
@@ -151,7 +158,7 @@ def train_preference_worker(args: dict) -> None:
         loss, trainer_cls, model=model, ref_model=ref_model, args=train_args,
         train_dataset=training_data.read_dataset(job.train_file),
         eval_dataset=training_data.read_dataset(job.eval_file),
-        processing_class=tokenizer, peft_config=peft_config(config.peft),
+        processing_class=tokenizer, peft_config=peft_config(config.peft, model_dir=job.model_source),
     )
     info = {"reference": reference_kind(loss, trainer, trl_kwargs), **parameter_counts(trainer)}
     if is_rank_zero():

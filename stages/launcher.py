@@ -3,7 +3,9 @@
 A stage gives it a per-worker training function (``train_fn_per_worker(args)``) and the
 arguments; the launcher builds the ``TorchTrainer`` from the stage's ``scaling`` section, runs
 it, and returns what rank 0 wrote (log history, final metrics). Checkpoints go to the stage's
-partial folder, so a stage killed mid-run resumes from its last checkpoint on the next run.
+partial folder, so a stage killed mid-run resumes from its last checkpoint on the next run. With an
+object-store ``storage``, Ray Train's run state and reported checkpoints go to the object store
+(``<stage>/.ray-<fingerprint>``), so a run restarted on another host restores them too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from stages.config import TrainingStageConfig
 from stages.job import WorkerJob, worker_arguments
 from stages.log import is_verbose
 from stages.models import is_adapter
+from stages.remote_storage import RemoteFolder, ray_storage
 from stages.stage import StageContext
 from stages.tune_report import TUNE_METRIC_ENV, tune_callbacks
 
@@ -97,6 +100,20 @@ def worker_job(ctx: StageContext, config: TrainingStageConfig, model_source: Pat
     )
 
 
+def ray_run_folder(ctx: StageContext) -> tuple[str, str]:
+    """Ray Train's run folder under an object store: <stage>/.ray-<fingerprint> (hidden from the store's
+    listings, and the same on every host, so a run restarted anywhere restores its last checkpoint)."""
+    return ctx.name, f".ray-{ctx.fingerprint}"
+
+
+def ray_storage_location(ctx: StageContext) -> tuple[str, object | None]:
+    """Ray Train's ``storage_path`` and ``storage_filesystem``: the attempt's folder for a local store,
+    the object store itself (so that checkpoints persist beyond this host) for a remote one."""
+    if ctx.run.storage_uri is None:
+        return str(ctx.work_dir / "ray"), None
+    return ray_storage(ctx.run.storage_uri, *ray_run_folder(ctx))
+
+
 def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: Callable[[dict], None],
            job: WorkerJob, **handles) -> dict:
     """Run ``train_fn_per_worker`` on a Ray Train worker group; returns rank 0's training log.
@@ -108,6 +125,7 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
     from ray.train.torch import TorchTrainer
 
     ctx.run.connect_ray()
+    storage_path, storage_filesystem = ray_storage_location(ctx)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -116,12 +134,14 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
         train_loop_per_worker=train_fn_per_worker,
         train_loop_config=worker_arguments(job, config, **handles),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             # The same name and storage on a rerun make Ray restore the last reported checkpoint.
             name=f"{ctx.name}-{ctx.fingerprint}",
-            storage_path=str(ctx.work_dir / "ray"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             worker_runtime_env={"env_vars": job.env},
@@ -139,6 +159,8 @@ def launch(ctx: StageContext, config: TrainingStageConfig, train_fn_per_worker: 
     # Resume points are only needed until the stage completes.
     for transient in ("checkpoints", "ray"):
         shutil.rmtree(ctx.work_dir / transient, ignore_errors=True)
+    if storage_filesystem is not None:
+        RemoteFolder(ctx.run.storage_uri).child(*ray_run_folder(ctx)).delete()
     if config.merge and is_adapter(ctx.model_dir):
         # After the Ray Train job, in a Ray task of its own: inside a ZeRO-3 worker from_pretrained
         # would wait on the other ranks, and the driver (a KubeRay head) has no memory to spare.

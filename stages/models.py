@@ -1,5 +1,7 @@
 """Loading models and tokenizers for training: precision, PEFT (LoRA with rsLoRA and PiSSA/OLoRA
-init, 4- or 8-bit QLoRA, DoRA, IA3, prompt tuning; BitFit in ``stages.adaptation``) and turning an upstream LoRA adapter into a full model when a stage needs one.
+init, 4- or 8-bit QLoRA, DoRA, IA3, prompt tuning (random or text init), prefix tuning (with peft's
+reparameterisation MLP); BitFit in ``stages.adaptation``) and turning an upstream LoRA adapter into a
+full model when a stage needs one.
 
 Everything saved here is a plain Hugging Face folder (safetensors only).
 """
@@ -66,21 +68,23 @@ def load_tokenizer(model_dir: str | Path, chat_template: str | None = None, trus
 # --------------------------------------------------------------------------- PEFT
 
 
-def peft_config(cfg: PeftConfig, head: str = "lm"):
-    """The ``peft`` config for a stage's ``peft`` section; None for full fine-tuning and BitFit (no peft tuner:
-    :func:`load_model` freezes all but the biases).
+def peft_config(cfg: PeftConfig, head: str = "lm", model_dir: str | Path | None = None):
+    """The ``peft`` config for a stage's ``peft`` section; None for full fine-tuning, BitFit and bottleneck
+    adapters (no peft tuner: :func:`load_model` freezes all but the biases, or adds the adapters).
 
     ``head="reward"``: a sequence classifier, whose new ``score`` head is trained and saved in full.
+    ``model_dir``: the model the stage starts from; prompt tuning's ``prompt_init_text`` is tokenized with its
+    tokenizer (peft loads it by this path).
     """
-    if cfg.method in ("full", "bitfit"):
+    if cfg.method in ("full", "bitfit", "adapter"):
         return None
-    config = _peft_config(cfg, "SEQ_CLS" if head == "reward" else "CAUSAL_LM")
+    config = _peft_config(cfg, "SEQ_CLS" if head == "reward" else "CAUSAL_LM", model_dir)
     if head == "reward" and hasattr(config, "modules_to_save"):
         config.modules_to_save = sorted({*(config.modules_to_save or []), "score"})
     return config
 
 
-def _peft_config(cfg: PeftConfig, task_type: str):
+def _peft_config(cfg: PeftConfig, task_type: str, model_dir: str | Path | None = None):
     import peft
 
     from stages.adaptation import lora_init
@@ -101,7 +105,18 @@ def _peft_config(cfg: PeftConfig, task_type: str):
         targets = None if cfg.target_modules == "all-linear" else cfg.target_modules
         return peft.IA3Config(target_modules=targets, feedforward_modules=[], task_type=task_type)
     if cfg.method == "prompt_tuning":
-        return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type)
+        if cfg.prompt_init_text is None:
+            return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type)
+        if model_dir is None:
+            raise ValueError("peft.prompt_init_text needs the starting model's tokenizer: pass model_dir")
+        return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type,
+                                       prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                                       prompt_tuning_init_text=cfg.prompt_init_text,
+                                       tokenizer_name_or_path=str(model_dir))
+    if cfg.method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type,
+                                       prefix_projection=cfg.prefix_projection,
+                                       encoder_hidden_size=cfg.encoder_hidden_size)
     raise ValueError(f"unknown peft method {cfg.method!r}")
 
 
@@ -142,8 +157,8 @@ def prepares_kbit_training(method: str, zero_stage: int | None) -> bool:
 def load_model(model_dir: str | Path, cfg: PeftConfig, precision: str, *, head: str = "causal-lm",
                trust_remote_code: bool = False, gradient_checkpointing: bool = False,
                zero_stage: int | None = None):
-    """Load a full model for training (the trainer applies the PEFT config itself; BitFit's freezing is
-    done here). ``zero_stage``: the stage's ``deepspeed.zero_stage`` (None: no DeepSpeed)."""
+    """Load a full model for training (the trainer applies the PEFT config itself; BitFit's freezing and the
+    bottleneck adapters are done here). ``zero_stage``: the stage's ``deepspeed.zero_stage`` (None: no DeepSpeed)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from stages.adaptation import apply_bitfit, converts_on_save
@@ -167,8 +182,13 @@ def load_model(model_dir: str | Path, cfg: PeftConfig, precision: str, *, head: 
         model.enable_input_require_grads()
     if cfg.method == "bitfit":
         apply_bitfit(model, tuple(cfg.modules_to_save or ()) + (("score",) if head == "reward" else ()))
-        if gradient_checkpointing:  # the frozen embedding's output must still carry gradients
-            model.enable_input_require_grads()
+    if cfg.method == "adapter":
+        from stages.bottleneck_adapter import add_adapters
+
+        model.requires_grad_(False)
+        add_adapters(model, cfg.adapter_size, cfg.adapter_activation)  # new modules: trainable
+    if cfg.method in ("bitfit", "adapter") and gradient_checkpointing:  # the frozen embedding's output must
+        model.enable_input_require_grads()                               # still carry gradients
     return model
 
 
@@ -177,6 +197,16 @@ def load_model(model_dir: str | Path, cfg: PeftConfig, precision: str, *, head: 
 
 def is_adapter(model_dir: str | Path) -> bool:
     return (Path(model_dir) / ADAPTER_CONFIG).exists()
+
+
+def model_type_of(model_dir: str | Path) -> str:
+    """What a saved model folder holds, as manifests record it: a peft ``adapter``, a
+    ``bottleneck-adapter`` (``stages.bottleneck_adapter``) or ``full`` weights."""
+    from stages.bottleneck_adapter import CONFIG_NAME
+
+    if is_adapter(model_dir):
+        return "adapter"
+    return "bottleneck-adapter" if (Path(model_dir) / CONFIG_NAME).exists() else "full"
 
 
 def adapter_base(model_dir: str | Path) -> str:

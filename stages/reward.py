@@ -27,11 +27,12 @@ from pathlib import Path
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages import launcher, training_data
 from stages.config import TrainingStageConfig
 from stages.job import RewardJob
+from stages.method_support import check_support
 from stages.stage import StageContext, StageKind, StageResult
 from stages.training_curves import summarize_training
 
@@ -50,9 +51,14 @@ class RewardConfig(TrainingStageConfig):
         None, ge=0.0, description="Weight of the centering term mean((r_chosen + r_rejected)^2); None disables it."
     )
 
+    @model_validator(mode="after")
+    def _method_runs_here(self) -> RewardConfig:
+        """The peft method against this kind and ZeRO stage: ``stages.method_support``."""
+        check_support(self)
+        return self
+
 
 STAGE = StageKind("reward", RewardConfig, run="stages.reward:run")
-
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -114,7 +120,7 @@ def train_reward_worker(args: dict) -> None:
         train_dataset=train_pairs,
         eval_dataset=pairs_dataset(job.eval_file, config.use_margin) if job.has_eval else None,
         processing_class=tokenizer,
-        peft_config=peft_config(config.peft, head="reward"),
+        peft_config=peft_config(config.peft, head="reward", model_dir=job.model_source),
     )
     train_and_save(trainer, job, config, early_stopping=True)
     if is_rank_zero():

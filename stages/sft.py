@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from pydantic import model_validator
+
 from stages import launcher, training_data
 from stages.config import TrainingStageConfig
+from stages.method_support import check_support
 from stages.stage import StageContext, StageKind, StageResult
 from stages.training_curves import summarize_training
 
@@ -23,6 +26,12 @@ class SFTConfig(TrainingStageConfig):
     packing: bool = False
 
     data_inputs: ClassVar[dict[str, str]] = {"data": "sft"}
+
+    @model_validator(mode="after")
+    def _method_runs_here(self) -> SFTConfig:
+        """The peft method against this kind, ZeRO stage (and rollout engine): ``stages.method_support``."""
+        check_support(self)
+        return self
 
 
 STAGE = StageKind("sft", SFTConfig, run="stages.sft:run")
@@ -63,6 +72,6 @@ def train_sft_worker(args: dict) -> None:
         train_dataset=training_data.read_dataset(job.train_file),
         eval_dataset=training_data.read_dataset(job.eval_file),
         processing_class=tokenizer,
-        peft_config=peft_config(config.peft),
+        peft_config=peft_config(config.peft, model_dir=job.model_source),
     )
     train_and_save(trainer, job, config, early_stopping=True)

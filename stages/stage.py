@@ -49,6 +49,9 @@ class RunServices:
     fingerprint: Callable[[Any], str]  # the store's content hash
     data_fingerprint: Callable[[str], str]  # content hash of a data source
     earlier_outputs: Callable[[str], list[Path]]  # a stage's complete artifact folders, newest first
+    # The run's folder on an object store (<storage>/<name>, a URI without credentials) when `storage` is
+    # one; run_root is then this host's mirror of it. Ray Train keeps its run state and checkpoints there.
+    storage_uri: str | None = None
 
     @property
     def trust_remote_code(self) -> bool:

@@ -13,6 +13,9 @@ runs it as a node of the DAG; the best trial's model is the stage's output).
         metric: final_loss
         mode: min
         scheduler: {name: asha, grace_period: 2, reduction_factor: 2}
+
+A PPO/GRPO stage reports every iteration; its sweep follows a value each iteration logs
+(``PPOConfig.iteration_metrics``), e.g. ``metric: final_reward_mean, mode: max``.
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ class SearchDimension(ConfigModel):
 
 class SchedulerConfig(ConfigModel):
     """Early stopping of trials. ``asha``: Tune's ASHAScheduler over the trials' logged steps (each
-    trial reports the metric at every ``train.logging_steps``); ``none``: every trial runs to the end."""
+    trial reports the metric at every ``train.logging_steps``, a PPO/GRPO trial at every iteration); ``none``:
+    every trial runs to the end."""
 
     name: Literal["asha", "none"] = "asha"
     grace_period: int = Field(2, ge=1, description="Reports a trial makes before it can be stopped.")
     reduction_factor: float = Field(2.0, gt=1.0, description="1/reduction_factor of the trials go on at each rung.")
-    max_t: int = Field(1000, ge=1, description="Reports after which a trial always completes.")
+    max_t: int = Field(1000, ge=1, description="Reports after which a trial always completes (ASHA's last rung "
+                                               "is at most max_t).")
 
 
 class SweepConfig(ConfigModel):
@@ -95,10 +100,13 @@ class SweepConfig(ConfigModel):
         return self
 
     def step_metric(self) -> str | None:
-        """The name the trainer logs at every step for ``metric`` (final_loss -> loss), for early stopping."""
+        """The name the trainer logs at every step for ``metric``, for early stopping: final_loss -> loss;
+        a PPO stage's final_/last_/late_reward_mean -> reward_mean (its last value, or its mean over the
+        last quarter of the iterations, follow the same curve)."""
         if self.metric == "best_eval_loss":
             return "eval_loss"
-        return self.metric.removeprefix("final_") if self.metric.startswith("final_") else None
+        prefix = next((p for p in ("final_", "last_", "late_") if self.metric.startswith(p)), None)
+        return self.metric.removeprefix(prefix) if prefix else None
 
 
 # --------------------------------------------------------------------------- trials

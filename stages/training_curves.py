@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stages.config import TrainingStageConfig
-from stages.models import is_adapter
+from stages.models import model_type_of
 from stages.stage import StageContext, StageResult
 
 SKIP = {"step", "epoch", "total_flos"}
@@ -35,12 +35,13 @@ def summarize_training(ctx: StageContext, config: TrainingStageConfig, log: dict
     metrics.update(extra_metrics or {})
     merged = ctx.work_dir / "merged"
     manifest = {
-        "model_type": "adapter" if is_adapter(ctx.model_dir) else "full",
+        "model_type": model_type_of(ctx.model_dir),
         "peft_method": config.peft.method,
         "merged_dir": "merged" if merged.exists() else None,
         "resumed_from": log.get("resumed_from"),
         "resumed_step": log.get("resumed_step"),
         "model_summary": log.get("model_summary"),
         "probe": log.get("probe"),
+        "worker_nodes": log.get("worker_nodes"),  # Ray node ids, rank order
     }
     return StageResult(metrics=metrics, curves=curves, data={"data": data_summary}, manifest=manifest)

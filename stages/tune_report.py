@@ -1,7 +1,8 @@
-"""A training stage run as a trial of a sweep reports its metric to Ray Tune at every logging step, so
-that a scheduler (ASHA) can stop it early. The trial's driver sets ``RAYALIGN_TUNE_METRIC`` to
-``<sweep metric>:<the logged value it follows>`` (final_loss:loss); the launcher passes it to the
-workers and forwards their reports to Tune (``TuneReportCallback``); outside a sweep nothing changes."""
+"""A training stage run as a trial of a sweep reports its metric to Ray Tune at every logging step (HF
+trainers: :class:`ReportToTune`) or every iteration (PPO/GRPO: :func:`tune_values`), so that a scheduler
+(ASHA) can stop it early. The trial's driver sets ``RAYALIGN_TUNE_METRIC`` to ``<sweep metric>:<the
+logged value it follows>`` (final_loss:loss, final_reward_mean:reward_mean); the launcher passes it to
+the workers and forwards their reports to Tune (``TuneReportCallback``); outside a sweep nothing changes."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ def tune_metric() -> tuple[str, str] | None:
 
 
 def tune_callbacks() -> list:
-    """The Ray Train run callbacks of a trial: its workers' reports that carry the metric go on to Tune.
-    Checkpoint reports (``train.save_steps``, PPO's) do not carry it, and Tune refuses a result without
-    the sweep's metric: those stay with Ray Train."""
+    """The Ray Train run callbacks of a trial: its workers' reports that carry the metric go on to Tune,
+    without their checkpoint (a PPO trial's checkpoint iterations carry it; the checkpoint stays with Ray
+    Train, which resumes from it). An HF trainer's checkpoint reports (``train.save_steps``) do not carry
+    it, and Tune refuses a result without the sweep's metric: those stay with Ray Train alone."""
     followed = tune_metric()
     if followed is None:
         return []
@@ -36,6 +38,15 @@ def tune_callbacks() -> list:
     return [MetricReports()]
 
 
+def tune_values(logged: dict) -> dict | None:
+    """``{sweep metric: value}`` when this process trains a sweep trial and ``logged`` (one step's logged
+    values) holds the value the metric follows; else None (nothing to tell Tune)."""
+    followed = tune_metric()
+    if followed is None or not isinstance(logged.get(followed[1]), (int, float)):
+        return None
+    return {followed[0]: float(logged[followed[1]])}
+
+
 class ReportToTune:
     """Every rank, at every log that holds the followed value: ``{metric: value, "step": global_step}``
     (every rank reports, the same number of times, as Ray Train requires)."""
@@ -45,11 +56,10 @@ class ReportToTune:
 
         from stages import train_session
 
-        metric, logged = tune_metric()
-
         class _Report(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and isinstance(logs.get(logged), (int, float)):
-                    train_session.report({metric: float(logs[logged]), "step": state.global_step})
+                values = tune_values(logs or {})
+                if values is not None:
+                    train_session.report({**values, "step": state.global_step})
 
         return _Report()

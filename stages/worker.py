@@ -225,8 +225,10 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_model(trainer, job, config)
     probe = probe_outputs(trainer.model, trainer.processing_class)
+    nodes = worker_nodes()
     if is_rank_zero():
         log = {
+            "worker_nodes": nodes,
             "log_history": trainer.state.log_history,
             "train_metrics": result.metrics,
             "global_step": trainer.state.global_step,
@@ -236,6 +238,20 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
             "probe": probe,
         }
         (Path(job.work_dir) / TRAIN_LOG).write_text(json.dumps(log, default=float))
+
+
+def worker_nodes() -> list[str]:
+    """Every rank's Ray node id, in rank order: where the stage ran (its manifest records it). Every rank
+    calls it (a collective)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 PROBE_TEXT = "12+34=46. The quick brown fox."

@@ -14,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# Ray 2.60's default for a local ray.init() (token authentication, ~/.ray/auth_token), said before Ray is
+# imported so that every client in this process and its children (job SDK, `ray start`, drivers) sends it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 # A dummy secret in the environment of the session's Ray cluster (its raylet inherits this process's),
 # which a submitted job reads by reference (tests/pipeline/test_submit_k8s.py greps that it leaks nowhere).
@@ -45,6 +48,16 @@ def ray_cluster():
         ray.init(num_cpus=4, num_gpus=4, include_dashboard=True, namespace="rayalign")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster():
+    """A separately started two-node Ray cluster on this machine (tests/ray_nodes.py), one per session."""
+    from tests.ray_nodes import start_two_node_cluster
+
+    cluster = start_two_node_cluster()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

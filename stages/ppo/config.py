@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from stages.config import ConfigModel, DataConfig, DataSection, TrainingStageConfig, suggest
+from stages.method_support import check_support
 from stages.stage import StageKind
 from stages.tasks import TASKS
 
@@ -140,6 +141,11 @@ class PPOConfig(TrainingStageConfig):
                                                "initial_heldout_accuracy", "late_reward_mean", "last_reward_mean",
                                                "late_kl", "heldout_*", "initial_heldout_*", "first_*", "last_*",
                                                "late_*")
+    # What every iteration logs (stages.ppo.records) that a sweep's ASHA can follow: final_X, last_X and late_X
+    # follow X (a sweep trial reports it to Tune every iteration). value_loss and explained_variance need a critic.
+    iteration_metrics: ClassVar[tuple[str, ...]] = ("reward_mean", "reward_std", "score_mean", "kl", "entropy",
+                                                    "response_length", "finished_fraction", "loss", "policy_loss",
+                                                    "clip_fraction", "approx_kl", "value_loss", "explained_variance")
     data: DataConfig | None = Field(None, description="Not used by ppo: the prompts are read from `prompts`.")
     prompts: DataSection = Field(description="Prompt-only data (any format the loader reads as prompts).")
     reward: str | None = Field(None, description="Upstream reward stage whose model scores responses.")
@@ -185,10 +191,23 @@ class PPOConfig(TrainingStageConfig):
         if self.rollout.engine == "trainer" and self.deepspeed.zero_stage == 3:
             raise ValueError("rollout.engine trainer generates with each worker's own replica of the policy, which "
                              "ZeRO-3 shards over the workers: use deepspeed.zero_stage 2 (or none), or engine hf/vllm")
-        if self.deepspeed.zero_stage == 3 and self.peft.method == "qlora":
-            raise ValueError("qlora does not combine with ZeRO-3 here; use zero_stage 2 or none")
-        if self.peft.method not in ("full", "lora", "qlora"):
-            raise ValueError(f"ppo supports peft methods full, lora and qlora (got {self.peft.method!r})")
+        check_support(self)  # the peft method against PPO, its ZeRO stage and rollout engine: one table for all kinds
+        return self
+
+    @model_validator(mode="after")
+    def _asha_follows_an_iteration_metric(self) -> PPOConfig:
+        """A PPO sweep stopped by ASHA follows a value every iteration logs (the metric itself is checked
+        against ``gate_metrics`` like every stage's): e.g. ``metric: final_reward_mean, mode: max``."""
+        sweep = self.sweep
+        if sweep is None or sweep.scheduler.name != "asha":
+            return self
+        followed = sweep.step_metric()
+        logged = [m for m in self.iteration_metrics
+                  if self.critic_config is not None or m not in ("value_loss", "explained_variance")]
+        if followed not in logged:
+            raise ValueError(f"sweep.metric: asha follows {followed!r} at every iteration, and this ppo stage logs "
+                             f"no such value{suggest(followed or '', logged)}; sweep final_, last_ or late_ of one "
+                             f"of: {', '.join(logged)} (e.g. metric: final_reward_mean, mode: max)")
         return self
 
     @model_validator(mode="after")

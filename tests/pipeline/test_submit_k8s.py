@@ -1,15 +1,11 @@
-"""Leaving the laptop: Ray job submission (for real, against the session's local Ray head) and
-KubeRay manifests (validated offline against KubeRay's CRD schema from ../shared/kuberay)."""
+"""Leaving the laptop: Ray job building (the submission itself runs on a real two-node cluster in
+tests/pipeline/test_two_node.py) and KubeRay manifests (validated offline against KubeRay's CRD schema from ../shared/kuberay)."""
 
 from __future__ import annotations
 
 import copy
-import io
 import json
-import os
 import re
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +14,8 @@ import yaml
 from pipeline.cli import main
 from pipeline.k8s import CONFIG_MOUNT, render_file  # CONFIG_MOUNT: the pipeline file's path inside the image
 from pipeline.spec import SpecError
-from pipeline.submit import build_job, describe, submit
-from tests.helpers import TEST_SECRET, quick_sft, strict_schema
+from pipeline.submit import build_job, describe
+from tests.helpers import quick_sft, strict_schema
 
 REPO = Path(__file__).resolve().parents[2]
 RAYJOB_SCHEMA = REPO.parent / "shared" / "kuberay" / "schemas" / "rayjob-v1.json"
@@ -274,98 +270,4 @@ def test_job_runtime_env_and_entrypoint(tmp_path, monkeypatch):
         build_job(config, env=["HF_TOKEN=hf_abc"])
 
 
-def _dashboard(ray_cluster) -> str:
-    """The session's dashboard; checked, since other Ray instances on this machine also serve 826x ports."""
-    from ray.job_submission import JobSubmissionClient
-
-    node = ray_cluster._private.worker.global_worker.node
-    url = node.address_info["webui_url"]
-    url = url if url.startswith("http") else f"http://{url}"
-    served = JobSubmissionClient(url)._do_request("GET", "/api/version").json()["session_name"]
-    assert served == node.session_name, f"{url} serves Ray session {served}, not this test session's"
-    _wait_for_job_agent(Path(node.get_session_dir_path()) / "logs" / "dashboard_agent.log")
-    return url
-
-
-def _wait_for_job_agent(agent_log: Path, timeout_s: float = 90.0) -> None:
-    """Jobs need the node's dashboard agent, whose HTTP port (52365) Ray fixes and ray.init cannot
-    change: while another Ray instance on this machine holds it, no job can be submitted here."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = agent_log.read_text() if agent_log.exists() else ""
-        if "Dashboard agent http address" in text:
-            return
-        if "Failed to start HTTP server" in text and "address already in use" in text:
-            pytest.skip("another Ray instance on this machine holds the dashboard agent port 52365, so this "
-                        "session's cluster has no job agent; rerun when it is the only Ray instance")
-        time.sleep(1)
-
-
-def _skip_if_captured_by_another_ray(status: str, logs: str) -> None:
-    """On a machine where other Ray clusters run at the same time (other test sessions), a new driver
-    process can attach to another cluster's raylet on the same IP, which then cannot fetch this
-    job's runtime_env packages. Seen here with concurrent sessions; a real cluster has one raylet per node."""
-    import psutil
-
-    clusters = sum("gcs_server" in (p.info["name"] or "") for p in psutil.process_iter(["name"]))
-    if status == "FAILED" and "Failed to download runtime_env file package" in logs and clusters > 1:
-        pytest.skip("another Ray instance on this machine captured the job's driver (see the helper's docstring)")
-
-
-@pytest.mark.slow
-def test_submit_runs_the_pipeline_as_a_ray_job(ray_cluster, tiny_base, tmp_path, capsys):
-    from ray.job_submission import JobSubmissionClient
-
-    address = _dashboard(ray_cluster)
-    store = tmp_path / "store"
-    config = _job_config(tmp_path / "job", store, tiny_base, train={"max_steps": 2})
-    out = io.StringIO()
-    started = time.monotonic()
-    secret_name, secret = TEST_SECRET  # in the cluster's environment (tests/conftest.py), passed by name
-    job_id, status = submit(config, address, ["stages.sft.train.lr=1e-3"], python=sys.executable, out=out,
-                            env=[secret_name])
-    seconds = time.monotonic() - started
-    logs = out.getvalue()
-    _skip_if_captured_by_another_ray(status, logs)
-    assert status == "SUCCEEDED", logs[-3000:]
-    assert f"submitted {job_id}" in logs
-    gcs = ray_cluster._private.worker.global_worker.node.gcs_address
-    assert f"Connecting to existing Ray cluster at address: {gcs}" in logs  # the job joined this cluster
-    assert "sft: running sft stage" in logs and "sft: complete" in logs and "submitted: 2 node(s) ready" in logs
-    manifests = list((store / "submitted" / "sft").glob("*/manifest.json"))
-    assert len(manifests) == 1
-    manifest = json.loads(manifests[0].read_text())
-    assert manifest["status"] == "complete" and manifest["config"]["train"]["lr"] == 1e-3
-    print(f"\nsubmit: 2-step SFT job {job_id} took {seconds:.1f}s")
-
-    # The secret went by reference: not in the job record, its logs, the store, the report or this terminal.
-    client = JobSubmissionClient(address)
-    record = client.get_job_info(job_id)
-    assert record.runtime_env["env_vars"][secret_name] == f"${{{secret_name}}}"
-    written = [json.dumps(record.runtime_env), str(record.entrypoint), client.get_job_logs(job_id), logs]
-    written += [p.read_text(errors="replace") for p in store.rglob("*") if p.is_file() and p.suffix in
-                (".json", ".jsonl", ".html", ".md", ".txt", ".yaml", ".log")]
-    assert not [text[:200] for text in written if secret in text], "the secret's value leaked"
-    # ... and Ray resolves the reference on the cluster side.
-    import hashlib
-
-    import ray
-
-    @ray.remote(runtime_env={"env_vars": {"SEEN": f"${{{secret_name}}}"}})
-    def seen_digest() -> str:
-        return hashlib.sha256(os.environ["SEEN"].encode()).hexdigest()
-
-    assert ray.get(seen_digest.remote()) == hashlib.sha256(secret.encode()).hexdigest()
-
-    # --no-wait returns at once; the same pipeline again is cached on the cluster's store.
-    assert main(["submit", str(config), "--address", address, "--no-wait", "--python", sys.executable,
-                 "--set", "stages.sft.train.lr=1e-3"]) == 0
-    second = re.search(r"submitted (\S+)", capsys.readouterr().out).group(1)
-    deadline = time.monotonic() + 300
-    while str(client.get_job_status(second).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, "the cached rerun did not finish in 5 minutes"
-        time.sleep(1)
-    logs = client.get_job_logs(second)
-    _skip_if_captured_by_another_ray(str(client.get_job_status(second).value), logs)
-    assert str(client.get_job_status(second).value) == "SUCCEEDED", logs[-3000:]
-    assert "sft: cached" in logs
+# `rayalign submit` against a real cluster (a separately started two-node one): tests/pipeline/test_two_node.py
