@@ -76,8 +76,10 @@ def print_task_accuracy(spec, artifacts) -> None:
     """Greedy held-out accuracy of each causal-LM model on the built-in task (no eval stage)."""
     from stages.task_accuracy import heldout_accuracy
 
-    task = next((s.data.path.removeprefix("builtin:").split("/")[0] for s in spec.stages.values()
-                 if getattr(s, "data", None) is not None and s.data.path.startswith("builtin:")), None)
+    datasets = [d for s in spec.stages.values() if getattr(s, "data", None) is not None
+                for d in (s.data if isinstance(s.data, list) else [s.data])]  # a mixture is a list
+    task = next((d.path.removeprefix("builtin:").split("/")[0] for d in datasets if d.path.startswith("builtin:")),
+                None)
     if task is None:
         return
     print(f"\nheld-out accuracy on builtin:{task}/test (greedy):")

@@ -117,6 +117,8 @@ def eval_columns(metrics: dict) -> list[tuple[str, str]]:
                         ("perplexity", "perplexity"), ("preference", "pref. ranking")):
         if any(m.get(key) for m in metrics.values()):
             columns.append((key, header))
+    if any(m.get("few_shot") for m in metrics.values()):
+        columns.insert(0, ("few_shot", "k-shot"))
     return columns
 
 
@@ -130,6 +132,9 @@ def eval_cell(model_metrics: dict, column: str) -> tuple[float | None, str]:
         if not result:
             return None, "–"
         return result["accuracy"], f"{result['accuracy']:.3f}\n[{result['ci'][0]:.2f}, {result['ci'][1]:.2f}] n={result['n']}"
+    if column == "few_shot":
+        k = model_metrics.get("few_shot") or 0
+        return k, str(k)
     result = model_metrics.get(column)
     if not result:
         return None, "–"

@@ -21,7 +21,9 @@ the spec's own errors (unknown keys, types, stage names) come earlier, from ``pi
    ``{% generation %}`` markers where ``assistant_only_loss`` needs them; TRL's length rules keep some
    records (sft: the prompt before the first assistant token under ``max_length``; dpo: the prompt under
    ``max_length``; reward: both sides at most ``max_length``), and every PPO prompt plus
-   ``rollout.max_new_tokens`` fits the model's context; ``peft.method: bitfit`` needs a model with biases.
+   ``rollout.max_new_tokens`` fits the model's context; ``peft.method: bitfit`` needs a model with biases;
+   an eval stage's prompts, with their ``few_shot`` exemplars (solved, at least k of them), plus
+   ``generation.max_new_tokens`` fit its reference model's context.
 """
 
 from __future__ import annotations
@@ -80,13 +82,28 @@ def validate_pipeline(spec: PipelineSpec, stages: Iterable[str] | None = None,
     lengths: dict[tuple, list[int]] = {}  # ... and have it tokenized once
     for name in names:
         config = spec.stages[name]
-        if isinstance(config, TrainingStageConfig):
+        if config.kind == "eval":
+            lines += check_eval_stage(spec, name, inputs)
+        elif isinstance(config, TrainingStageConfig):
             facts = model_facts(spec, upstream_model(spec, name, inputs))
             if facts is None:
                 lines.append(f"{name}: model checks skipped (the model is not readable here)")
                 continue
             lines += check_stage_model(spec, name, facts, loaded[name], lengths)
     return lines
+
+
+def check_eval_stage(spec: PipelineSpec, name: str, inputs: dict[str, str]) -> list[str]:
+    """``stages.evaluate.stage.check_eval_data`` with the upstream model's tokenizer and context."""
+    from stages.evaluate.stage import check_eval_data
+
+    facts = model_facts(spec, upstream_model(spec, name, inputs))
+    try:
+        check_eval_data(spec.stages[name], spec.resolve_path, f"stages.{name}",
+                        *((facts.tokenizer, facts.context, facts.where) if facts else ()))
+    except ValueError as err:
+        raise ValidationFailed(str(err)) from None
+    return [] if facts else [f"{name}: prompt length checks skipped (the model is not readable here)"]
 
 
 # --------------------------------------------------------------------------- environment

@@ -13,7 +13,7 @@ import fnmatch
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, Tag, field_validator, model_validator
 
 from stages.config_base import ConfigModel
 from stages.gates import GateError, parse_condition
@@ -47,9 +47,81 @@ class DataConfig(ConfigModel):
         None, ge=1, description="Use at most this many held-out records (eval during training runs over all of them)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, value: Any) -> Any:
+        """An unknown key with a suggestion (pipeline.spec cannot find this class inside a training stage's
+        dataset-or-mixture union to suggest one), and a mixture's keys on a single dataset said where they belong."""
+        if not isinstance(value, dict):
+            return value
+        for key in value:
+            if key in cls.model_fields:
+                continue
+            if key in ("weight", "sampling_temperature", "stopping_strategy"):
+                raise ValueError(f"{key}: applies to the datasets of a mixture; give a training stage's data as "
+                                 f"a list, e.g. data: [{{path: a.jsonl, weight: 3}}, {{path: b.jsonl, weight: 1}}]")
+            raise ValueError(f"{key}: unknown key{suggest(str(key), cls.model_fields)}")
+        return value
+
 
 # A data field: a DataConfig, or just its path as a string.
 DataSection = Annotated[DataConfig, BeforeValidator(path_shorthand)]
+
+
+class DataSource(DataConfig):
+    """One dataset of a mixture (a training stage's ``data:`` given as a list); sampled by ``stages.data.mixture``."""
+
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="Relative sampling weight in the mixture.")
+    sampling_temperature: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="The mixture's: sample source i with probability proportional to weight_i ** (1 / T); "
+                    "1 (the default) follows the weights, larger T flattens toward uniform. Set on one item or "
+                    "the same on all.")
+    stopping_strategy: Literal["first_exhausted", "all_exhausted"] | None = Field(
+        None, description="The mixture's (datasets.interleave_datasets): first_exhausted (the default) ends when a "
+                          "source runs out, no record repeats; all_exhausted repeats the smaller sources until every "
+                          "record was used. Set on one item or the same on all.")
+
+
+MIXTURE_OPTIONS = {"sampling_temperature": 1.0, "stopping_strategy": "first_exhausted"}
+
+
+def mixture_option(sources: list[DataSource], name: str):
+    """A mixture-wide option (``MIXTURE_OPTIONS``): the value its items set, else the default."""
+    return next((getattr(s, name) for s in sources if getattr(s, name) is not None), MIXTURE_OPTIONS[name])
+
+
+def _one_value_per_mixture(sources: list[DataSource]) -> list[DataSource]:
+    for name in MIXTURE_OPTIONS:
+        given = {i: getattr(s, name) for i, s in enumerate(sources) if getattr(s, name) is not None}
+        if len(set(given.values())) > 1:
+            listed = ", ".join(f"data[{i}] {v!r}" for i, v in given.items())
+            raise ValueError(f"{name} is the whole mixture's, and its items disagree ({listed}); "
+                             "set it on one item, or the same on all")
+    return sources
+
+
+def _data_shape(value: Any) -> str:
+    return "Mixture" if isinstance(value, list) else "Dataset"
+
+
+# A training stage's data: one dataset (as DataSection: unchanged config, fingerprint and manifest), or a
+# weighted mixture of datasets given as a list. The tags are capitalised so that error paths read
+# ``stages.sft.data.1.weight`` (pipeline.spec drops capitalised class names from a path).
+Mixture = Annotated[list[Annotated[DataSource, BeforeValidator(path_shorthand)]], Field(min_length=1),
+                    AfterValidator(_one_value_per_mixture)]
+TrainingDataSection = Annotated[
+    Annotated[DataSection, Tag("Dataset")] | Annotated[Mixture, Tag("Mixture")], Discriminator(_data_shape)]
+
+
+def data_list(data: DataConfig | list[DataSource]) -> list[DataConfig]:
+    """A training stage's datasets: the one, or the mixture's."""
+    return list(data) if isinstance(data, list) else [data]
+
+
+def has_held_out(data: DataConfig | list[DataSource]) -> bool:
+    """Whether held-out data is configured (eval_path or eval_fraction; of a mixture, on any of its datasets)."""
+    return any(d.eval_path is not None or d.eval_fraction > 0 for d in data_list(data))
 
 
 def known_chat_template(value: str | None) -> str | None:
@@ -301,7 +373,7 @@ class TrainingStageConfig(StageConfig):
     """Fields of every stage that runs a Ray Train job."""
 
     from_: str | None = Field("base", alias="from")
-    data: DataSection
+    data: TrainingDataSection
     peft: PeftConfig = PeftConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -330,7 +402,7 @@ class TrainingStageConfig(StageConfig):
             raise ValueError(f"sweep.scheduler: asha stops trials on a metric logged during training, and "
                              f"{self.sweep.metric!r} is known only at the end; sweep final_loss (or another "
                              f"final_<logged value>, or best_eval_loss), or set scheduler: {{name: none}}")
-        if "eval" in self.sweep.metric and self.data.eval_path is None and self.data.eval_fraction == 0:
+        if "eval" in self.sweep.metric and not has_held_out(self.data):
             raise ValueError(f"sweep.metric: {self.sweep.metric!r} needs held-out data, and data has neither "
                              f"eval_path nor eval_fraction")
         return self

@@ -11,7 +11,7 @@ from stages.stage import StageContext, StageKind, StageResult
 
 # Builtin base name -> version of its recipe (part of the cache key: bump when the model changes).
 # Their build options: stages.tiny_base.VARIANTS (tiny-llama-bias: biases in every projection, for BitFit).
-BUILTIN_BASES = {"tiny-llama": "2", "tiny-llama-bias": "1"}
+BUILTIN_BASES = {"tiny-llama": "2", "tiny-llama-bias": "1", "tiny-llama-4m": "1", "tiny-llama-4m-bias": "1"}
 
 # The base node: configured by the pipeline's top-level `base:` section, never listed under `stages:`.
 STAGE = StageKind("base", BaseConfig, run="stages.pretrained:run")

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from stages.config import ChatTemplateChoice, ConfigModel, DataConfig, DataSection, StageConfig, suggest
+from stages.evaluate.few_shot import exemplar_source
 from stages.stage import StageKind
 from stages.tasks import TASKS
 
@@ -36,6 +37,10 @@ class EvalTaskConfig(ConfigModel):
 
     name: str
     data: DataSection | None = None
+    few_shot_data: DataSection | None = Field(
+        None, description="With few_shot: the solved training exemplars (prompt records with an answer, or SFT "
+                          "conversations); default builtin:<task>/train for generator tasks. Never the held-out set: "
+                          "exemplars equal to a held-out prompt are left out.")
 
     @field_validator("name")
     @classmethod
@@ -52,8 +57,9 @@ class EvalConfig(StageConfig):
 
     kind: Literal["eval"] = "eval"
     # task_data: a property, the tasks' prompt files (builtin:<task>/test by default)
+    # few_shot_data: a property, the tasks' exemplar sources when few_shot > 0 (builtin:<task>/train by default)
     data_inputs: ClassVar[dict[str, str]] = {"prompts": "prompt", "task_data": "prompt", "sft_data": "sft",
-                                             "preference_data": "preference"}
+                                             "preference_data": "preference", "few_shot_data": "prompt"}
     models: list[str] = Field(min_length=1, description="Stages (and base) to evaluate.")
     reward: str | None = Field(None, description="Reward stage that scores responses (and judges win rates).")
     reference: str | None = Field(
@@ -67,6 +73,11 @@ class EvalConfig(StageConfig):
     max_prompts: int | None = Field(200, ge=1, description="At most this many prompts (and examples) per set.")
     num_examples: int = Field(5, ge=0, description="Sample responses per model kept for the report.")
     chat_template: ChatTemplateChoice = Field(None, description="None: each model's own; or chatml, alpaca, vicuna.")
+    few_shot: int = Field(
+        0, ge=0, description="In-context k-shot: each task prompt is preceded by k solved exemplars from the task's "
+                             "training data (tasks[i].few_shot_data) as earlier user/assistant turns "
+                             "(stages.evaluate.few_shot). 0: the prompts as they are.")
+    few_shot_seed: int = Field(0, description="Seeds which exemplars each held-out prompt gets (reproducible).")
 
     upstream_fields: ClassVar[tuple[str, ...]] = ("models", "reward", "reference")
 
@@ -90,6 +101,25 @@ class EvalConfig(StageConfig):
             raise ValueError(f"models: listed twice: {sorted({m for m in self.models if self.models.count(m) > 1})}")
         if not (self.prompts or self.tasks or self.sft_data or self.preference_data):
             raise ValueError("eval needs something to evaluate on: prompts, tasks, sft_data or preference_data")
+        return self
+
+    @model_validator(mode="after")
+    def _few_shot_has_exemplars(self) -> EvalConfig:
+        """few_shot needs tasks with training exemplars; few_shot_data and few_shot_seed need few_shot."""
+        if self.few_shot == 0:
+            given = [f"tasks[{i}].few_shot_data" for i, t in enumerate(self.tasks) if t.few_shot_data is not None]
+            given += ["few_shot_seed"] if "few_shot_seed" in self.model_fields_set else []
+            if given:
+                raise ValueError(f"{', '.join(given)} applies with few_shot > 0 (few_shot is 0: no exemplars)")
+            return self
+        if not self.tasks:
+            raise ValueError(f"few_shot is {self.few_shot}: it puts solved exemplars of a task before the task's "
+                             "prompts, but the eval has no tasks (plain prompts: sets have no answers to show)")
+        for i, task in enumerate(self.tasks):
+            if task.few_shot_data is None and not TASKS[task.name].has_generator:
+                raise ValueError(f"few_shot is {self.few_shot}, but task {task.name!r} has no built-in training split; "
+                                 f"give its solved training examples as tasks[{i}].few_shot_data (e.g. the GSM8K "
+                                 "train file), never its test file")
         return self
 
     def gate_columns(self) -> list[str]:
@@ -126,6 +156,13 @@ class EvalConfig(StageConfig):
             elif TASKS[task.name].has_generator:
                 out.append(DataConfig(path=f"builtin:{task.name}/test"))
         return out
+
+    @property
+    def few_shot_data(self) -> list[DataConfig]:
+        """The tasks' exemplar sources when few_shot > 0 (``builtin:<task>/train`` by default); read at
+        validate and fingerprinted as data."""
+        sources = (exemplar_source(task, self.few_shot) for task in self.tasks)
+        return [s for s in sources if s is not None]
 
 
 STAGE = StageKind("eval", EvalConfig, run="stages.evaluate.stage:run")

@@ -19,6 +19,10 @@ from collections.abc import Sequence
 
 from stages.tasks.grading import Z95, accuracy, accuracy_by_category, wilson_interval  # noqa: F401  (re-exported)
 
+__all__ = ["Z95", "accuracy", "accuracy_by_category", "implicit_reward_ranking", "kl_estimate", "mean_std",
+           "normal_interval", "outcome", "perplexity", "standard_error", "std", "wilson_interval", "win_rate"]
+
+
 def normal_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
     """mean +- z * standard error (sample std, n - 1); a point for n == 1, NaNs for n == 0."""
     n = len(values)

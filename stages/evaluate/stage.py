@@ -14,6 +14,12 @@ preference pairs; then :mod:`stages.evaluate.metrics` turns the rows into:
 * ``perplexity`` on ``sft_data``; ``preference``: pairs ranked correctly by the implicit reward
   ``log pi/ref`` (chosen vs rejected).
 
+With ``few_shot: k`` each task prompt is preceded by k solved exemplars of the task's training data as
+earlier chat turns (:mod:`stages.evaluate.few_shot`); every prompt, exemplars included, must fit the
+model's context with ``max_new_tokens`` (checked before any model runs). ``few_shot`` is in every
+model's metrics and summary row, in the manifest (``eval.few_shot``: k, seed, the exemplar sources)
+and, per response, the exemplars' questions.
+
 Outputs in the artifact folder: ``metrics.json`` (one entry per model keyed by its artifact
 fingerprint and the eval settings' hash, with ``num_examples`` sample responses) and
 ``responses/<key>.jsonl`` (every response with its verdict and reward). When the stage reruns (e.g.
@@ -24,15 +30,18 @@ lm-eval-harness benchmarks are not run (not installed here, and they need the hu
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.config import DataConfig
 from stages.evaluate import metrics as M
 from stages.evaluate.config import EvalConfig
+from stages.evaluate.few_shot import exemplar_source
 from stages.files import read_jsonl, write_json, write_jsonl
 from stages.launcher import upstream_full_model
 from stages.stage import StageContext, StageResult, Stopwatch, UpstreamArtifact, data_sources
@@ -55,8 +64,8 @@ class EvalData:
 
     def rows(self, kl_prompts: int) -> list[dict]:
         """The input rows of the Ray Data pass (plain columns only)."""
-        gen = [{"row": p["row"], "purpose": "gen", "messages": p["messages"], "target": "", "kl": p["row"] < kl_prompts}
-               for p in self.prompts]
+        gen = [{"row": p["row"], "purpose": "gen", "messages": p.get("gen_messages", p["messages"]), "target": "",
+                "kl": p["row"] < kl_prompts} for p in self.prompts]
         return gen + [{**r, "kl": False} for r in self.sft + self.pairs]
 
 
@@ -64,8 +73,11 @@ def _messages(conversation) -> str:
     return json.dumps([m.to_dict() for m in conversation])
 
 
-def load_eval_data(ctx: StageContext, config: EvalConfig) -> EvalData:
-    """Prompt rows (tasks first, then ``prompts:``), SFT answers and pairs, ``max_prompts`` per set."""
+def load_eval_data(config: EvalConfig, resolve: Callable[[str], str], key: str) -> EvalData:
+    """Prompt rows (tasks first, then ``prompts:``), SFT answers and pairs, ``max_prompts`` per set; with
+    ``few_shot``, each task prompt row also gets its exemplars (``stages.evaluate.few_shot``). ``resolve``: a
+    path as written -> absolute; ``key``: the stage's config key (``stages.<name>``) that errors name."""
+    from stages.evaluate import few_shot
     from stages.sources import load_records
     from stages.tasks import TASKS
 
@@ -74,7 +86,7 @@ def load_eval_data(ctx: StageContext, config: EvalConfig) -> EvalData:
 
     def load(source, kind: str, name: str):
         limit = min(x for x in (source.limit, cap) if x is not None) if (source.limit or cap) else None
-        loaded = load_records(ctx.resolve(source.path), kind, format=source.format, limit=limit)
+        loaded = load_records(resolve(source.path), kind, format=source.format, limit=limit)
         data.summary[name] = loaded.summary()
         return loaded.records
 
@@ -108,6 +120,9 @@ def load_eval_data(ctx: StageContext, config: EvalConfig) -> EvalData:
                                  "rejected": [m.to_dict() for m in record.rejected]})
             data.pairs.append({"row": len(data.pairs), "purpose": "pref", "messages": _messages(record.prompt),
                                "target": target})
+    if config.few_shot:
+        pools = few_shot.load_pools(config, resolve, few_shot.held_out_questions(data.prompts), key)
+        few_shot.add_exemplars(data.prompts, pools, config.few_shot, config.few_shot_seed)
     return data
 
 
@@ -162,6 +177,7 @@ def eval_settings(ctx: StageContext, config: EvalConfig, by_stage: dict[str, Ups
         "max_prompts": config.max_prompts,
         "num_examples": config.num_examples,
         "chat_template": config.chat_template,
+        **({"few_shot": {"k": config.few_shot, "seed": config.few_shot_seed}} if config.few_shot else {}),
         "reference": by_stage[reference].fingerprint,
         "reward": by_stage[config.reward].fingerprint if config.reward else None,
     }
@@ -216,10 +232,12 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log(f"warning: reward: {config.reward!r} is a {kinds[config.reward]} stage; "
                 "its folder is loaded as a sequence classifier")
     settings = eval_settings(ctx, config, by_stage, reference)
-    plan = EvalRun(ctx, config, load_eval_data(ctx, config), settings, ctx.run.fingerprint(settings), reference,
+    data = load_eval_data(config, ctx.resolve, f"stages.{ctx.name}")
+    plan = EvalRun(ctx, config, data, settings, ctx.run.fingerprint(settings), reference,
                    reference_path=upstream_full_model(ctx, by_stage[reference]),
                    reward_path=str(upstream_full_model(ctx, by_stage[config.reward])) if config.reward else None,
                    previous=previous_entries(ctx))
+    check_prompt_lengths(plan)
     (ctx.work_dir / RESPONSES_DIR).mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict] = {}
     models_info: dict[str, dict] = {}
@@ -234,6 +252,44 @@ def run(ctx: StageContext) -> StageResult:
     order = manifest["eval"]["order"]
     ctx.log(f"reused {manifest['eval']['reused'] or 'none'}; computed {manifest['eval']['computed'] or 'none'}")
     return StageResult(metrics={n: entries[n]["metrics"] for n in order}, data=plan.data.summary, manifest=manifest)
+
+
+def check_prompt_lengths(plan: EvalRun) -> None:
+    """Every generation prompt (its exemplars included) plus max_new_tokens fits the reference's context,
+    checked before any model runs; the models of one pipeline share the base's tokenizer and context."""
+    from stages.evaluate.few_shot import model_context
+    from stages.models import load_tokenizer
+
+    ctx, config = plan.ctx, plan.config
+    path, trust = str(plan.reference_path), ctx.run.trust_remote_code
+    tokenizer = load_tokenizer(path, trust_remote_code=trust)
+    check_generation_prompts(plan.data, config, tokenizer, model_context(path, trust), f"stages.{ctx.name}",
+                             f"{plan.reference} ({path})")
+
+
+def check_eval_data(config: EvalConfig, resolve: Callable[[str], str], key: str, tokenizer=None,
+                    context: int | None = None, where: str = "the model") -> None:
+    """What ``rayalign validate`` can check of an eval stage before anything runs: the held-out data and
+    the few-shot exemplars load (no solved answers, fewer than k exemplars: ValueError naming the key),
+    and, given the base's tokenizer and context, every generation prompt fits."""
+    data = load_eval_data(config, resolve, key)
+    if tokenizer is not None:
+        check_generation_prompts(data, config, tokenizer, context, key, where)
+
+
+def check_generation_prompts(data: EvalData, config: EvalConfig, tokenizer, context: int | None, key: str,
+                             where: str) -> None:
+    """Every prompt row, exemplars included, rendered with the eval's chat template (on a copy of
+    ``tokenizer``) plus ``generation.max_new_tokens`` within ``context`` (``stages.evaluate.few_shot``)."""
+    from stages.chat_templates import apply_chat_template_choice
+    from stages.evaluate.few_shot import check_context
+
+    if not data.prompts:
+        return
+    tokenizer = copy.copy(tokenizer)  # the caller's keeps its own template
+    apply_chat_template_choice(tokenizer, config.chat_template)
+    prompts = [json.loads(p.get("gen_messages", p["messages"])) for p in data.prompts]
+    check_context(prompts, tokenizer, context, config.generation.max_new_tokens, key, where, config.few_shot)
 
 
 def evaluate_model(plan: EvalRun, name: str, artifact: UpstreamArtifact) -> tuple[dict, dict]:
@@ -280,6 +336,9 @@ def eval_manifest(plan: EvalRun, names: list[str], entries: dict[str, dict], mod
             "computed": [n for n in names if n not in reused],
             "engine": plan.settings["engine"],
             "sampling": {**plan.settings["sampling"], "kl_temperature": 1.0},
+            "few_shot": {"k": config.few_shot, "seed": config.few_shot_seed,
+                         "sources": {t.name: s.path for t in config.tasks
+                                     if (s := exemplar_source(t, config.few_shot)) is not None}},
             "settings_fingerprint": plan.settings_fp,
             "samples": {n: entries[n].get("samples", []) for n in order},
             "lm_eval": "skipped: lm-eval-harness is not installed and needs the model hub",
@@ -307,12 +366,14 @@ def summarize(rows: list[dict], data: EvalData, config: EvalConfig, reference_ro
                  "answer": prompt["answer"], "response": out["text"], "tokens": out["tokens"],
                  "finished": out["finished"], "reward": None if _nan(out["reward"]) else out["reward"],
                  "correct": None, "category": None}
+        if "exemplars" in prompt:  # few_shot: the questions of the exemplars shown before this prompt
+            entry["exemplars"] = prompt["exemplars"]
         if prompt["task"]:
             (entry["correct"],), (entry["category"],) = grade(tasks_by_name[prompt["task"]], [prompt["record"]],
                                                             [out["text"]])
         responses.append(entry)
 
-    metrics: dict = {"prompts": len(responses)}
+    metrics: dict = {"prompts": len(responses), "few_shot": config.few_shot}
     tasks = {}
     for task_name in dict.fromkeys(r["task"] for r in responses if r["task"]):
         scored = [r for r in responses if r["task"] == task_name]
@@ -343,7 +404,7 @@ def summarize(rows: list[dict], data: EvalData, config: EvalConfig, reference_ro
                                                           sums["ref_lp2"])
     else:
         metrics["preference"] = None
-    metrics["summary"] = summary_row(metrics)
+    metrics["summary"] = {**summary_row(metrics), "few_shot": config.few_shot}
     return {"metrics": metrics, "samples": pick_samples(responses, config.num_examples)}, responses
 
 

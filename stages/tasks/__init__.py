@@ -4,7 +4,7 @@ Usage::
 
     from stages.tasks import TASKS, get_task
 
-    task = get_task("addition")                  # or get_task("addition", flaw_rate=0.5, seed=1)
+    task = get_task("addition")                  # or get_task("addition", flaw_rate=0.5, seed=1), get_task("reversal")
     data = task.load("sft", "train", limit=None)  # stages.data.records.LoadedData
     task.verify(prompt, response); task.reward(prompt, response); task.category(prompt)
     task.fingerprint()                            # version + parameters, for cache keys
@@ -19,8 +19,9 @@ from __future__ import annotations
 from stages.tasks.addition import AdditionTask
 from stages.tasks.base import Task
 from stages.tasks.gsm8k import GSM8KTask
+from stages.tasks.reversal import ReversalTask
 
-TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "gsm8k": GSM8KTask}
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "gsm8k": GSM8KTask, "reversal": ReversalTask}
 
 
 def get_task(name: str, **params) -> Task:
@@ -30,4 +31,4 @@ def get_task(name: str, **params) -> Task:
     return TASKS[name](**params)
 
 
-__all__ = ["TASKS", "AdditionTask", "GSM8KTask", "Task", "get_task"]
+__all__ = ["TASKS", "AdditionTask", "GSM8KTask", "ReversalTask", "Task", "get_task"]

@@ -211,6 +211,32 @@ CASES = [
     pytest.param(Case({"stages": {"eval": {"models": ["sft"], "tasks": ["addition"], "gate": "accuracy[spt] >= 0.5"}}},
                       ("stages.eval.gate:", "'spt' is not evaluated here; did you mean sft?")),
                  id="gate-eval-unknown-model"),
+    # --- mixtures (stages.data.mixture): a list of weighted datasets
+    pytest.param(Case(stage(data=[{"path": "builtin:addition", "weight": 3}, {"path": "builtin:reversal", "weight": 0}]),
+                      ("stages.sft.data.1.weight", "greater than 0")), id="mixture-zero-weight"),
+    pytest.param(Case(stage(data=[{"path": "builtin:addition", "sampling_temperature": 2},
+                                  {"path": "builtin:reversal", "sampling_temperature": 3}]),
+                      ("stages.sft.data", "sampling_temperature", "disagree")), id="mixture-options-disagree"),
+    pytest.param(Case(stage(data={"path": "builtin:addition", "weight": 2}),
+                      ("stages.sft.data.weight", "give a training stage's data as a list")), id="weight-without-mixture"),
+    pytest.param(Case(stage(data=[{"path": "builtin:addition"}, {"path": "missing.jsonl"}]),
+                      ("stages.sft.data[1]", "missing.jsonl")), id="mixture-missing-file"),
+    # --- few-shot eval: exemplars and context checked at validate
+    pytest.param(Case({"stages": {"eval": {"models": ["sft"], "tasks": ["addition"], "few_shot": 9}}},
+                      ("stages.eval.few_shot:", "9 exemplars", "256 tokens")), id="few-shot-longer-than-context"),
+    pytest.param(Case({"stages": {"eval": {"models": ["sft"], "tasks": ["gsm8k"], "few_shot": 2}}},
+                      ("stages.eval", "few_shot_data")), id="few-shot-without-training-split"),
+    # --- where each adaptation method runs (stages.method_support)
+    pytest.param(Case({"stages": {"dpo": {"kind": "dpo", "from": "sft", "data": "builtin:addition",
+                                          "peft": {"method": "adapter"}}}},
+                      ("peft.method: adapter does not work in dpo stages", "use lora")), id="adapter-in-dpo"),
+    pytest.param(Case(stage(peft={"method": "lora", "adapter_size": 8}),
+                      ("peft.adapter_size applies to adapter, not 'lora'",)), id="option-of-another-method"),
+    # --- where the store and the cluster are
+    pytest.param(Case({"storage": "s3://user:hunter2@bucket/runs"}, ("storage:", "credentials")),
+                 id="storage-uri-with-credentials"),
+    pytest.param(Case({"ray": {"address": "ray://head:10001"}}, ("ray.address=ray://head:10001", "Ray Client")),
+                 id="ray-client-address"),
 ]
 
 
