@@ -45,6 +45,7 @@ from pipeline.content_hash import file_records, folder_digest, sha256_file
 from pipeline.locks import StageLock, lock_path
 from stages.files import write_json
 from stages.log import log
+from stages.models import MODEL_FILES, model_type_of
 from stages.remote_storage import RemoteFolder, mirrored_uri
 
 MANIFEST = "manifest.json"
@@ -75,7 +76,7 @@ class Artifact:
         """An HF folder or hub id used as a stage's output without running the stage."""
         fingerprint = fingerprint_model_location(location, revision)
         manifest = {"stage": stage, "kind": "external", "fingerprint": fingerprint, "status": "complete",
-                    "model_dir": location, "model_type": _model_type(Path(location))}
+                    "model_dir": location, "model_type": model_type_of(location)}
         return cls(stage=stage, fingerprint=fingerprint, path=Path(location), manifest=manifest)
 
 
@@ -288,14 +289,6 @@ def hash_problems(artifact: Artifact) -> list[str]:
     return problems
 
 
-# A manifest's model_type -> the config file and the weights its folder must hold (None: any *.safetensors).
-MODEL_FILES = {
-    "full": ("config.json", None),
-    "adapter": ("adapter_config.json", ["adapter_model.safetensors"]),
-    "bottleneck-adapter": ("bottleneck_adapter.json", ["bottleneck_adapter.safetensors"]),  # stages.bottleneck_adapter
-}
-
-
 def model_problems(model_dir: Path, model_type: str | None) -> list[str]:
     """Why a stage's model folder would not load: no config, no safetensors, or an unreadable header."""
     if model_type not in MODEL_FILES:
@@ -331,13 +324,6 @@ def _read_artifact(stage: str, folder: Path) -> Artifact | None:
     if manifest.get("status") != "complete":
         return None
     return Artifact(stage=stage, fingerprint=folder.name, path=folder, manifest=manifest)
-
-
-def _model_type(path: Path) -> str:
-    for model_type, (config, _) in MODEL_FILES.items():
-        if model_type != "full" and (path / config).exists():
-            return model_type
-    return "full"
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -20,6 +20,14 @@ if TYPE_CHECKING:  # torch is imported where it is used: loading a config must n
     import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
+# A manifest's model_type -> the config file and the weights its model folder holds (None: any *.safetensors).
+# The bottleneck names are stages.bottleneck_adapter's CONFIG_NAME and WEIGHTS_NAME (spelled out: that module
+# imports torch, this table is read without it).
+MODEL_FILES: dict[str, tuple[str, list[str] | None]] = {
+    "full": ("config.json", None),
+    "adapter": (ADAPTER_CONFIG, ["adapter_model.safetensors"]),
+    "bottleneck-adapter": ("bottleneck_adapter.json", ["bottleneck_adapter.safetensors"]),
+}
 
 
 # --------------------------------------------------------------------------- precision
@@ -201,12 +209,11 @@ def is_adapter(model_dir: str | Path) -> bool:
 
 def model_type_of(model_dir: str | Path) -> str:
     """What a saved model folder holds, as manifests record it: a peft ``adapter``, a
-    ``bottleneck-adapter`` (``stages.bottleneck_adapter``) or ``full`` weights."""
-    from stages.bottleneck_adapter import CONFIG_NAME
-
-    if is_adapter(model_dir):
-        return "adapter"
-    return "bottleneck-adapter" if (Path(model_dir) / CONFIG_NAME).exists() else "full"
+    ``bottleneck-adapter`` (``stages.bottleneck_adapter``) or ``full`` weights (:data:`MODEL_FILES`)."""
+    for model_type, (config, _) in MODEL_FILES.items():
+        if model_type != "full" and (Path(model_dir) / config).exists():
+            return model_type
+    return "full"
 
 
 def adapter_base(model_dir: str | Path) -> str:

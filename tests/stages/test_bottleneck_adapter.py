@@ -11,7 +11,7 @@ import torch
 
 from stages.bottleneck_adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapted_model, parameter_count
 from stages.config import PeftConfig
-from stages.models import load_model, peft_config
+from stages.models import MODEL_FILES, load_model, model_type_of, peft_config
 
 HIDDEN, LAYERS = 128, 2  # the tiny base (stages.tiny_base defaults)
 TEXT = "12+34=46. The quick brown fox."
@@ -78,6 +78,8 @@ def test_sft_with_adapters_learns_and_reloads(tiny_base, tmp_path):
 
     model_dir = tmp_path / "model"
     assert {WEIGHTS_NAME, CONFIG_NAME, "config.json"} <= {p.name for p in model_dir.iterdir()}
+    # The store's table (read without torch) names these files, so a commit checks the right ones.
+    assert model_type_of(model_dir) == "bottleneck-adapter" and MODEL_FILES["bottleneck-adapter"] == (CONFIG_NAME, [WEIGHTS_NAME])
     assert not list(model_dir.glob("model*.safetensors")) and not list(model_dir.glob("*.bin"))
     saved = json.loads((model_dir / CONFIG_NAME).read_text())
     assert (saved["size"], saved["activation"], saved["base_model_name_or_path"]) == (16, "gelu", str(tiny_base))
