@@ -104,6 +104,26 @@ def addition_sft(tiny_base, tmp_path_factory) -> Path:
     return cached if (cached / "config.json").is_file() else model
 
 
+@pytest.fixture(scope="session")
+def tiny_dag(request, ray_cluster, addition_sft, tmp_path_factory):
+    """The shipped tiny DAG, shrunk (tests/tiny_dag.py), once per session: tests/e2e and the PPO/GRPO method
+    tests read its artifacts."""
+    from tests.tiny_dag import run_tiny_dag
+
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def read_output() -> tuple[str, str] | None:
+        # What was printed during this fixture's setup (pytest holds it in its global capture).
+        if capture is None or not capture.is_globally_capturing():  # pytest -s: nothing is held
+            return None
+        out, err = capture.read_global_capture()
+        sys.stdout.write(out)  # handed back, so pytest still shows it with a failure
+        sys.stderr.write(err)
+        return out, err
+
+    return run_tiny_dag(tmp_path_factory.mktemp("tiny-dag"), addition_sft, read_output)
+
+
 REQUIRE_VLLM = "RAYALIGN_REQUIRE_VLLM"
 
 

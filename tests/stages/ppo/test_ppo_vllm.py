@@ -1,6 +1,6 @@
 """PPO (full weights) and GRPO (LoRA) with their rollouts on vLLM engines in Ray actors (``make test-vllm``).
 
-The same stages as ``test_ppo.py``'s ``rl_runs`` with ``rollout.engine: vllm``: they must learn, and after
+The verifier PPO and GRPO stages of ``test_ppo.py`` (``verifier_ppo_and_grpo``) with ``rollout.engine: vllm``: they must learn, and after
 every sync the engine's log-probs of the verification probe match the trainer's within the fp32 tolerance
 (``stages.ppo.verify``), full weights through vLLM's in-place reload, LoRA through a fresh ``LoRARequest``.
 """
