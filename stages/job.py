@@ -32,6 +32,9 @@ class WorkerJob(ConfigModel):
     trust_remote_code: bool = False
     train_file: str | None = None  # the prepared JSONL rows (stages.training_data)
     eval_file: str | None = None
+    # A mixture's held-out records per task (label -> JSONL, each also in eval_file): evaluated one by one
+    # after training, so the manifest has every task's held-out loss.
+    eval_files: dict[str, str] = Field(default_factory=dict)
     has_eval: bool = False  # evaluate during training (eval_steps / early stopping)
 
 

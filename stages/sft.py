@@ -46,6 +46,7 @@ def run(ctx: StageContext) -> StageResult:
         ctx, config, model_source,
         train_file=str(data.train_file),
         eval_file=str(data.eval_file) if data.eval_file else None,
+        eval_files={label: str(path) for label, path in data.eval_files.items()},
         has_eval=data.eval_file is not None,
     )
     log = launcher.launch(ctx, config, train_sft_worker, job)
@@ -70,8 +71,10 @@ def train_sft_worker(args: dict) -> None:
         model=model,
         args=train_args,
         train_dataset=training_data.read_dataset(job.train_file),
-        eval_dataset=training_data.read_dataset(job.eval_file),
+        eval_dataset=training_data.read_dataset(job.eval_file),  # all tasks': eval_loss, early stopping, sweeps
         processing_class=tokenizer,
         peft_config=peft_config(config.peft, model_dir=job.model_source),
     )
-    train_and_save(trainer, job, config, early_stopping=True)
+    # A mixture's tasks one by one, on the final model (SFTTrainer.evaluate tokenizes a raw held-out set).
+    per_task = {label: training_data.read_dataset(path) for label, path in job.eval_files.items()}
+    train_and_save(trainer, job, config, early_stopping=True, final_evals=per_task)

@@ -32,6 +32,7 @@ def summarize_training(ctx: StageContext, config: TrainingStageConfig, log: dict
         metrics["first_loss"] = curves["loss"][0]["value"]
     if "eval_loss" in curves:
         metrics["best_eval_loss"] = min(p["value"] for p in curves["eval_loss"])
+    metrics.update(log.get("heldout") or {})  # a mixture's per-task held-out loss on the final model
     metrics.update(extra_metrics or {})
     merged = ctx.work_dir / "merged"
     manifest = {

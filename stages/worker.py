@@ -198,8 +198,10 @@ def checkpoint_step(checkpoint: str | None) -> int | None:
     return json.loads(state.read_text())["global_step"] if state.exists() else None
 
 
-def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_stopping: bool = False) -> None:
-    """Train (resuming if a checkpoint exists), save the HF folder, and write the training log."""
+def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_stopping: bool = False,
+                   final_evals: dict | None = None) -> None:
+    """Train (resuming if a checkpoint exists), save the HF folder, and write the training log.
+    ``final_evals`` (name -> held-out dataset) are evaluated once on the final model: ``heldout_loss/<name>``."""
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # replaced by the one-line progress callback
@@ -225,6 +227,11 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
     result = trainer.train(resume_from_checkpoint=checkpoint)
     save_model(trainer, job, config)
     probe = probe_outputs(trainer.model, trainer.processing_class)
+    heldout, logged = {}, len(trainer.state.log_history)
+    for name, dataset in (final_evals or {}).items():  # on every rank: under DeepSpeed evaluation is a collective
+        metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=f"eval_{name}")
+        heldout[f"heldout_loss/{name}"] = metrics[f"eval_{name}_loss"]
+    del trainer.state.log_history[logged:]  # in the metrics as heldout_loss/<name>, not as one-point curves
     nodes = worker_nodes()
     if is_rank_zero():
         log = {
@@ -236,6 +243,7 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
             "resumed_step": resumed_step,
             "model_summary": summary,
             "probe": probe,
+            "heldout": heldout,
         }
         (Path(job.work_dir) / TRAIN_LOG).write_text(json.dumps(log, default=float))
 

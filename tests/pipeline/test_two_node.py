@@ -41,6 +41,8 @@ SHRUNK = [
     "stages.dpo.train.max_steps=2", "stages.dpo.data.limit=64", "stages.dpo.scaling.num_workers=1",
     *(f"stages.{s}.{key}" for s in ("ppo", "grpo") for key in (
         "train.max_steps=1", "rollout.prompts_per_step=8", "rollout.n=2", "rollout.engine=hf", "eval_limit=8")),
+    # Two of the five models (each model's eval starts its own actor, ~10 s here); dpo and ppo still run.
+    "stages.eval.models=[sft,grpo]",
     "stages.eval.max_prompts=8", "stages.eval.generation.kl_prompts=4", "stages.eval.generation.num_samples=1",
     "stages.eval.sft_data.limit=8", "stages.eval.preference_data.limit=8",
 ]

@@ -167,14 +167,23 @@ def test_prepared_mixture_counts_every_source(tmp_path):
 def test_sft_stage_on_a_two_task_mixture(ray_cluster, tiny_base, tmp_path):
     from pipeline.runner import run_pipeline
 
-    stage = quick_sft(data=[{"path": "builtin:addition", "limit": 96, "weight": 1, "eval_limit": 16},
+    stage = quick_sft(data=[{"path": "builtin:addition", "limit": 96, "weight": 1, "eval_fraction": 0.125},
                             {"path": "builtin:reversal", "limit": 96, "weight": 1, "eval_fraction": 0.25,
-                             "sampling_temperature": 1.0}])
+                             "sampling_temperature": 1.0}],
+                      train={"max_steps": 4, "logging_steps": 4})
     artifact = run_pipeline(make_spec(tmp_path, tiny_base, {"sft": stage}))["sft"]
     data = artifact.manifest["data"]["data"]
     sources = data["sources"]
     assert set(sources) == {"addition", "reversal"}
     assert sources["reversal"]["eval_records"] == 24 and sources["reversal"]["available_train_records"] == 72
-    assert sources["addition"]["eval_records"] == 0  # sft adds no default held-out split; none configured
+    assert sources["addition"]["eval_records"] == 12 and sources["addition"]["available_train_records"] == 84
     assert data["train_records"] == sum(s["train_records"] for s in sources.values()) > 72
-    assert artifact.manifest["status"] == "complete" and artifact.manifest["metrics"]["global_step"] == 4
+    m = artifact.manifest["metrics"]
+    assert artifact.manifest["status"] == "complete" and m["global_step"] == 4
+    # Each task's held-out loss on the final model, beside the loss on both together (evaluated at step 4,
+    # the last: the same model), which is a mean over the same records and so lies between them.
+    per_task = {task: m[f"heldout_loss/{task}"] for task in ("addition", "reversal")}
+    print("held-out loss per task", per_task, "both", m["final_eval_loss"])
+    assert all(0 < loss < 20 for loss in per_task.values()) and per_task["addition"] != per_task["reversal"]
+    assert min(per_task.values()) * 0.98 <= m["final_eval_loss"] <= max(per_task.values()) * 1.02, (per_task, m)
+    assert not any(name.startswith(("eval_addition", "eval_reversal")) for name in artifact.manifest["curves"])
