@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -335,11 +335,19 @@ def _model_at(loc: list[str], raw: dict) -> type[BaseModel] | None:
         field = _field(model, key)
         if field is None:
             return None
-        annotation = field.annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _section_model(field.annotation)
         node = node.get(key, {}) if isinstance(node, dict) else {}
         i += 1
     return model
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds: its type, or the one model inside an optional or annotated type
+    (``critic: CriticConfig | None``), so that a misspelt key in such a section gets a suggestion too."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = {m for arg in get_args(annotation) if (m := _section_model(arg)) is not None}
+    return models.pop() if len(models) == 1 else None
 
 
 def _field(model: type[BaseModel], key: str):

@@ -66,6 +66,10 @@ CASES = [
     pytest.param(Case(stage(train={"lerning_rate": 1e-4}),
                       ("stages.sft.train.lerning_rate: unknown key; did you mean lr?",)), id="unknown-key"),
     pytest.param(Case({"strage": "x"}, ("strage: unknown key; did you mean storage?",)), id="unknown-top-level-key"),
+    # Optional sections (a `X | None` field) get suggestions too.
+    pytest.param(Case(stage(sweep={"search_space": {"train.lr": [1e-4]}, "schedular": {"name": "asha"}}),
+                      ("stages.sft.sweep.schedular: unknown key; did you mean scheduler?",)),
+                 id="unknown-key-in-an-optional-section"),
     pytest.param(Case(stage(train={"lr": "fast"}), ("stages.sft.train.lr:", "valid number", "'fast'")),
                  id="wrong-type"),
     pytest.param(Case(stage(deepspeed={"zero_stage": 5}), ("stages.sft.deepspeed.zero_stage:", "0, 1, 2 or 3", "5")),
