@@ -3,7 +3,7 @@
     rows = [{"row": 0, "purpose": "gen", "messages": json.dumps([...]), "target": "", "kl": True}, ...]
     out = run_inference(rows, model_path=..., reference_path=..., reward_path=..., generation=config.generation)
 
-``ray.data.from_items(rows).map_batches(EvalWorker, concurrency=N, batch_size=B)``: each actor holds
+``ray.data.from_items(rows).map_batches(EvalWorker, compute=ActorPoolStrategy(size=N), batch_size=B)``: each actor holds
 the policy's rollout engine (``stages.rollout.create_engine``, the same engines PPO uses), the
 reference's engine when the batch needs it, and the reward model. One input row is one task:
 
@@ -270,7 +270,7 @@ def run_inference(rows: list[dict], *, model_path: str, reference_path: str | No
             "gpu_settings": gpu_settings(rows, str(model_path), chat_template, generation),
         },
         batch_size=generation.batch_size,
-        concurrency=generation.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=generation.concurrency),  # `concurrency=` is deprecated (Ray 2.51)
         batch_format="numpy",
         **remote_args,
     )
