@@ -177,6 +177,10 @@ class ArtifactStore:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.rename(partial, final)
+        # A killed driver's Ray workers outlive it by a few seconds and may recreate the attempt folder
+        # that was adopted (renamed) meanwhile; with the artifact in place every attempt left is stale.
+        for stale in self.attempts(stage, fingerprint):
+            shutil.rmtree(stale, ignore_errors=True)
         artifact = Artifact(stage=stage, fingerprint=fingerprint, path=final, manifest=manifest)
         return self._publish(artifact) if self.remote is not None else artifact
 

@@ -104,6 +104,21 @@ def test_a_new_attempt_adopts_the_crashed_one_with_its_checkpoints(tmp_path):
     assert store.attempts("sft", "ab") == [], "another fingerprint's prefix is not an attempt"
 
 
+def test_commit_removes_an_attempt_folder_that_a_dead_drivers_worker_recreated(tmp_path):
+    # The killed driver's Ray Train worker outlives it by seconds and writes its next checkpoint to the
+    # attempt's old path after the new run has adopted (renamed) it: that folder must not stay behind.
+    store = ArtifactStore(tmp_path)
+    crashed = store.start_attempt("sft", "abc")
+    time.sleep(1.1)
+    attempt = store.start_attempt("sft", "abc")
+    (crashed / "checkpoints" / "checkpoint-30").mkdir(parents=True)
+    (attempt / "model").mkdir()
+    (attempt / "model" / "config.json").write_text("{}")
+    (attempt / "model" / "model.safetensors").write_bytes(b"x")
+    store.commit("sft", "abc", {"model_type": None}, attempt)
+    assert sorted(p.name for p in store.stage_dir("sft").iterdir()) == ["abc"]
+
+
 def test_a_truncated_artifact_is_not_used_and_verify_finds_an_altered_one(tmp_path):
     store = ArtifactStore(tmp_path)
     artifact = commit_model(store)
