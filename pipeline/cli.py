@@ -6,7 +6,7 @@
     rayalign plan CONFIG         print the DAG, which stages are cached, and why the others are stale
     rayalign verify CONFIG       check the stored artifacts' files against their recorded sha256
     rayalign report CONFIG       rebuild <storage>/<name>/report/index.html from the store (no training)
-    rayalign submit CONFIG --address http://HEAD:8265 [--no-wait]   run it as a job on a Ray cluster
+    rayalign submit CONFIG --address http://HEAD:8265 [--no-wait] [--only STAGE[,STAGE]]   run it as a Ray job
     rayalign jobs list|status|logs|stop [JOB] [--address URL]       rayalign's jobs on that cluster
     rayalign k8s CONFIG [-o FILE]                                   render a KubeRay RayJob
     rayalign sweep CONFIG [--stage STAGE]                           Ray Tune sweep of one stage
@@ -105,6 +105,8 @@ def add_cluster_commands(with_config) -> None:
                         help="python executable on the cluster (default: the one the head's Ray runs on)")
     submit.add_argument("--command", choices=["run", "sweep"], default="run",
                         help="what the job runs: rayalign run (default) or rayalign sweep")
+    submit.add_argument("--only", type=_stage_list, default=None, metavar="STAGE[,STAGE]",
+                        help="the job runs just these stages; upstream results come from the cluster's store")
     submit.set_defaults(handler=cmd_submit)
 
     k8s = with_config("k8s", "render a KubeRay RayJob (+ ConfigMap) that runs the pipeline on Kubernetes")
@@ -285,7 +287,7 @@ def cmd_submit(args) -> int:
     try:
         _, status = submit(args.config, args.address, args.overrides, wait=not args.no_wait, resubmit=args.resubmit,
                            working_dir=args.working_dir, code=args.code, pip=args.pip, env=args.env,
-                           python=args.python, command=args.command)
+                           python=args.python, command=args.command, only=args.only)
     except (ClusterUnreachable, JobConflict) as err:
         print(f"rayalign: error: {err}", file=sys.stderr)
         return 2

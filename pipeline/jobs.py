@@ -56,10 +56,12 @@ def job_server(address: str | None):
         raise ClusterUnreachable(f"cannot use the Ray job server at {address}: {first}") from None
 
 
-def submission_id(spec: PipelineSpec, overrides: list[str], command: str = "run") -> str:
-    """Stable per (pipeline name, validated config, overrides, command)."""
-    content = json.dumps({"spec": spec.model_dump(mode="json"), "overrides": list(overrides), "command": command},
-                         sort_keys=True, default=str)
+def submission_id(spec: PipelineSpec, overrides: list[str], command: str = "run", only: list[str] | None = None) -> str:
+    """Stable per (pipeline name, validated config, overrides, command, --only stages)."""
+    identity = {"spec": spec.model_dump(mode="json"), "overrides": list(overrides), "command": command}
+    if only:  # absent otherwise: the ids of whole-pipeline jobs stay what they were
+        identity["only"] = list(only)
+    content = json.dumps(identity, sort_keys=True, default=str)
     slug = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-") or "pipeline"
     return f"rayalign-{slug}-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
 

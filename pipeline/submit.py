@@ -73,8 +73,9 @@ def local_packages() -> list[str]:
 
 def build_job(config: str | Path, overrides: list[str] | None = None, *, working_dir: str | Path | None = None,
               code: str = "ship", pip: list[str] | None = None, env: list[str] | None = None,
-              python: str = "python", command: str = "run") -> dict:
-    """The keyword arguments of ``JobSubmissionClient.submit_job`` (and the validated spec, under "spec")."""
+              python: str = "python", command: str = "run", only: list[str] | None = None) -> dict:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` (and the validated spec, under "spec").
+    ``only``: the job runs ``rayalign run --only`` these stages (upstream results from the cluster's store)."""
     config = Path(config).resolve()
     overrides = list(overrides or [])
     spec = load_spec(config, overrides)  # a broken config fails here, not minutes later on the cluster
@@ -82,6 +83,14 @@ def build_job(config: str | Path, overrides: list[str] | None = None, *, working
         from pipeline.sweep import resolve_sweep
 
         resolve_sweep(spec)
+    if only:
+        from pipeline.dag import build_dag
+
+        if command != "run":
+            raise ValueError(f"--only selects the stages of `rayalign run`, not of `rayalign {command}`")
+        nodes = build_dag(spec).order
+        if unknown := [stage for stage in only if stage not in nodes]:
+            raise ValueError(f"--only {','.join(unknown)}: not a stage of {config.name} (stages: {', '.join(nodes)})")
     root = Path(working_dir).resolve() if working_dir else project_root(config)
     try:
         relative = config.relative_to(root)
@@ -96,10 +105,12 @@ def build_job(config: str | Path, overrides: list[str] | None = None, *, working
     entrypoint = [python, "-m", "pipeline.cli", command, relative.as_posix()]
     for override in [*overrides, JOIN_CLUSTER]:
         entrypoint += ["--set", override]
+    if only:
+        entrypoint += ["--only", ",".join(only)]
     return {
         "entrypoint": shlex.join(entrypoint),
         "runtime_env": runtime_env,
-        "submission_id": submission_id(spec, overrides, command),
+        "submission_id": submission_id(spec, overrides, command, only),
         "metadata": {"rayalign.pipeline": spec.name, "rayalign.config": relative.as_posix()},
         "spec": spec,
     }

@@ -65,43 +65,20 @@ def tiny_base(tmp_path_factory) -> Path:
     """The builtin tiny base (briefly pretrained), built once per session."""
     from stages.tiny_base import build_tiny_base
 
+    from tests.session_models import BASE_PRETRAIN_STEPS, BASE_SEED
+
     out = tmp_path_factory.mktemp("tiny-base") / "model"
-    build_tiny_base(out, pretrain_steps=30, seed=0)
+    build_tiny_base(out, pretrain_steps=BASE_PRETRAIN_STEPS, seed=BASE_SEED)
     return out
 
 
-# Where the SFT policy below is kept between test sessions: `make test` runs two (.venv, then .venv-vllm).
-TEST_CACHE = Path(os.environ.get("RAYALIGN_TEST_CACHE", REPO / ".cache" / "tests"))
-
-
 @pytest.fixture(scope="session")
-def addition_sft(tiny_base, tmp_path_factory) -> Path:
+def addition_sft(tiny_base) -> Path:
     """A full-SFT policy on the addition task's flawed demonstrations (in-process): the start of the PPO,
-    reward and DPO tests. Trained once and kept in TEST_CACHE under a key of everything that makes it (the
-    code that builds the base and trains it, torch's version, the recipe), so the vLLM session reuses it."""
-    import hashlib
-    import shutil
+    reward and DPO tests. Kept in the test cache; usually built in the background (tests/session_models.py)."""
+    from tests.session_models import build_sft
 
-    import torch
-
-    from tests import addition_models
-    from tests.addition_models import SFT_BATCH, SFT_STEPS, train_sft_in_process
-    from stages import tiny_base as tiny_base_module
-
-    recipe = "".join(Path(m.__file__).read_text() for m in (addition_models, tiny_base_module))
-    key = hashlib.sha256(f"{recipe}|{torch.__version__}|{SFT_STEPS}|{SFT_BATCH}".encode()).hexdigest()[:16]
-    cached = TEST_CACHE / f"addition-sft-{key}" / "model"
-    if (cached / "config.json").is_file():
-        return cached
-    model = train_sft_in_process(tiny_base, tmp_path_factory.mktemp("addition-sft") / "model", SFT_STEPS, SFT_BATCH)
-    staging = cached.parent.with_name(f".{cached.parent.name}.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(model, staging / "model")
-    try:
-        staging.rename(cached.parent)  # atomic: another session sees all of it or nothing
-    except OSError:  # another session got there first
-        shutil.rmtree(staging, ignore_errors=True)
-    return cached if (cached / "config.json").is_file() else model
+    return build_sft(tiny_base)
 
 
 @pytest.fixture(scope="session")
@@ -140,8 +117,31 @@ def pytest_sessionstart(session):
                     f"Reinstall its environment with `make install-vllm`.", returncode=3)
 
 
+SESSION_MODELS = {"addition_sft", "tiny_dag"}  # fixtures that start from tests/session_models.py's models
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that touch vLLM carry the ``vllm`` mark, so `make test` runs them in the vLLM venv."""
+    """Tests that touch vLLM carry the ``vllm`` mark, so `make test` runs them in the vLLM venv. Modules
+    with slow tests, or with tests on the session's models, run last (kept whole: their module fixtures are
+    built once): the session's models are meanwhile trained in the background (tests/session_models.py)."""
     for item in items:
         if "vllm" in item.nodeid.lower() or "vllm_engine" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.vllm)
+    late = {item.nodeid.split("::")[0] for item in items
+            if item.get_closest_marker("slow") or SESSION_MODELS & set(getattr(item, "fixturenames", ()))}
+    order = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (item.nodeid.split("::")[0] in late, order[id(item)]))
+
+
+def pytest_collection_finish(session):
+    """After deselection (-m): start building the session's models if a selected test needs them."""
+    if any(SESSION_MODELS & set(getattr(item, "fixturenames", ())) for item in session.items):
+        from tests import session_models
+
+        session_models.start_in_background()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import session_models
+
+    session_models.stop_background()

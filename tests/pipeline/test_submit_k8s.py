@@ -257,6 +257,15 @@ def test_job_runtime_env_and_entrypoint(tmp_path, monkeypatch):
     assert job["runtime_env"]["working_dir"] == str(REPO) and "py_modules" not in job["runtime_env"]
     assert {".git", ".venv", "runs"} <= set(job["runtime_env"]["excludes"])
     assert " run configs/tiny.yaml --set ray.address=auto" in job["entrypoint"]
+    # --only: the job runs those stages; its id differs from the whole pipeline's; an unknown stage or a
+    # sweep job is refused before anything is submitted.
+    only = build_job(REPO / "configs" / "tiny.yaml", code="ship", only=["sft", "grpo"])
+    assert only["entrypoint"].endswith(" run configs/tiny.yaml --set ray.address=auto --only sft,grpo")
+    assert only["submission_id"] != job["submission_id"]
+    with pytest.raises(ValueError, match=r"--only gpro: not a stage of tiny.yaml \(stages: base, sft, "):
+        build_job(REPO / "configs" / "tiny.yaml", only=["sft", "gpro"])
+    with pytest.raises(ValueError, match="--only selects the stages of `rayalign run`"):
+        build_job(REPO / "configs" / "sweep.yaml", command="sweep", only=["sft"])
 
     # --command sweep: the job runs `rayalign sweep`; a config without a sweep stage fails before submitting.
     job = build_job(REPO / "configs" / "sweep.yaml", command="sweep")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.addition_models import train_reward_model_in_process
+from tests.session_models import build_reward_model
 from tests.helpers import kill_at_first_checkpoint, with_overrides
 from tests.tiny_dag import RL_ITERS
 
@@ -233,7 +233,7 @@ def test_sync_makes_engine_log_probs_match_the_trainer(ray_cluster, tiny_base, t
 # The learned reward model PPO optimises: Bradley-Terry on the task's 5000 verifier-labelled pairs (chosen =
 # the exact sum), 600 steps at lr 5e-4, in-process and seeded. Held-out carry-pair accuracy, measured over
 # seeds 0/1/2: 0.991/0.973/0.996 (overall 0.758/0.71/0.774; 400 steps gave 0.72-0.96, so it must pass a bar).
-RM_STEPS, RM_CARRY_BAR = 600, 0.9
+RM_CARRY_BAR = 0.9  # RM_STEPS = 600 at lr 5e-4 (tests/session_models.py)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def reward_model(addition_sft, tmp_path_factory) -> Path:
     from stages.tasks import get_task
 
     root = tmp_path_factory.mktemp("ppo-rm")
-    model = train_reward_model_in_process(addition_sft, root / "model", steps=RM_STEPS, lr=5e-4)
+    model = build_reward_model(addition_sft)  # RM_STEPS at RM_LR, kept in the test cache
     pairs = root / "test-pairs.jsonl"
     test_pairs = get_task("addition").load("preference", "test").records
     pairs.write_text("".join(json.dumps(p.to_trl()) + "\n" for p in test_pairs))
