@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,13 +62,17 @@ def is_verbose() -> bool:
     return os.environ.get(VERBOSE) == "1"
 
 
+_RAY_STARTING = threading.Lock()  # stages running at once (max_concurrent_stages) connect at the same time
+
+
 def ensure_ray(spec: PipelineSpec) -> None:
     """Start (or join) Ray once per process, and link its logs into the run folder."""
     import ray
 
-    if not ray.is_initialized():
-        start_ray(spec)
-    link_ray_logs(spec.run_root())
+    with _RAY_STARTING:
+        if not ray.is_initialized():
+            start_ray(spec)
+        link_ray_logs(spec.run_root())
 
 
 def cluster_address(spec: PipelineSpec) -> str | None:

@@ -126,6 +126,10 @@ class PipelineSpec(ConfigModel):
         None, description="With an object-store `storage`: this host's working folder, a local mirror of the "
         "store that stages write into before upload; default ~/.cache/rayalign/storage/<scheme>/<bucket>/<prefix>."
     )
+    max_concurrent_stages: int = Field(
+        1, ge=1, description="How many stages whose upstream is ready run at once (such as the reward, DPO and "
+        "PPO stages after SFT); each still waits for its Ray resources. 1: one at a time, in the file's order."
+    )
     ray: RayConfig = RayConfig()
     base: BaseConfig = BaseConfig()
     tracking: TrackingConfig = TrackingConfig()

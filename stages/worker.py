@@ -126,14 +126,33 @@ def training_arguments(trl_config_cls, job: WorkerJob, config: TrainingStageConf
     )
     if save_steps is None:
         kwargs.pop("save_steps")
+    if kwargs["deepspeed"] and not config.scaling.use_gpu:
+        skip_shm_allreduce_build()  # before the arguments: they may start the process group themselves
     arguments = trl_config_cls(**kwargs)
     if arguments.deepspeed:
         # DeepSpeed must see the real world size before the model loads (ZeRO-3 on gloo otherwise
         # fails its batch-size check); harmless for the other stages.
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo")
+        init_deepspeed_distributed(config.scaling.use_gpu)
     return arguments
+
+
+def init_deepspeed_distributed(use_gpu: bool) -> None:
+    """DeepSpeed's process group: NCCL on GPUs, gloo on CPUs."""
+    import deepspeed
+
+    if not use_gpu:
+        skip_shm_allreduce_build()
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def skip_shm_allreduce_build() -> None:
+    """On CPUs, DeepSpeed's process group first JIT-compiles a shared-memory all-reduce op in every new
+    environment (51 s of g++ on the 2-core machine, measured). Only its inference all-reduce (AutoTP) uses
+    that op; ZeRO's collectives are torch.distributed's, so the op is marked unavailable instead of built."""
+    import deepspeed.ops
+
+    # DeepSpeed keeps this dict in its module so that edits to it persist (deepspeed/ops/__init__.py).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class ProgressCallback:

@@ -22,6 +22,8 @@ REWARD_STEPS = 400  # reward-model steps (tiny.yaml: 800)
 RL_ITERS = 10  # PPO and GRPO iterations, tiny.yaml's 64 prompts x 4 samples each and its two PPO epochs
 SHRINK = [
     "base.pretrain_steps=0",
+    # The four stages after SFT two at a time (one CPU each here): the same artifacts as one at a time, sooner.
+    "max_concurrent_stages=2",
     *(f"stages.{s}.scaling.num_workers=1" for s in ("reward", "dpo")),
     # One worker at twice the per-worker batch: tiny.yaml's 32 pairs per step, and seeded one-worker runs
     # repeat bit for bit (tests/stages/test_reward_dpo.py reads these two stages' metrics). The reward

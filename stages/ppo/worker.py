@@ -122,13 +122,12 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
     from stages.ppo.policy import load_policy, load_reference
     from stages.ppo.rewards import RewardSources
     from stages.rollout.local import engine_group
+    from stages.worker import init_deepspeed_distributed
 
     rank, world = dist_info()
     torch.manual_seed(config.train.seed + rank)
     if config.deepspeed.zero_stage is not None:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo")
+        init_deepspeed_distributed(config.scaling.use_gpu)
     load = dict(trust_remote_code=job.trust_remote_code)
     zero3 = zero3_init(config, job.precision)  # noqa: F841 - alive while the models load
     policy = load_policy(job.model_source, config.peft, job.precision,

@@ -31,6 +31,8 @@ def vllm_runs(ray_cluster, tiny_base, addition_sft, tmp_path_factory):
     from pipeline.runner import run_pipeline
 
     stages = verifier_ppo_and_grpo({"engine": "vllm", "prompts_per_step": 64, "n": 4}, ITERATIONS, logging_steps=5)
+    # One stage at a time: two at once saved nothing (fixture 209 s against 206 s; each vLLM CPU engine
+    # keeps a core busy).
     spec = parse_spec(spec_raw(tmp_path_factory.mktemp("ppo-vllm"), stages, name="ppo-vllm"))
     return run_pipeline(spec, only=["ppo", "grpo"], inputs={"base": str(tiny_base), "sft": str(addition_sft)})
 
