@@ -121,23 +121,16 @@ SESSION_MODELS = {"addition_sft", "tiny_dag"}  # fixtures that start from tests/
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that touch vLLM carry the ``vllm`` mark, so `make test` runs them in the vLLM venv. Modules run
-    in three groups, each module kept whole (its module fixtures are built once): those without slow tests,
-    then those with slow tests, then those with tests on the session's models, which are meanwhile trained
-    in the background (tests/session_models.py): the first test that needs them then rarely waits."""
+    """Tests that touch vLLM carry the ``vllm`` mark, so `make test` runs them in the vLLM venv. Modules
+    with slow tests, or with tests on the session's models, run last (kept whole: their module fixtures are
+    built once): the session's models are meanwhile trained in the background (tests/session_models.py)."""
     for item in items:
         if "vllm" in item.nodeid.lower() or "vllm_engine" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.vllm)
-    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    on_models = {item.nodeid.split("::")[0] for item in items
-                 if SESSION_MODELS & set(getattr(item, "fixturenames", ()))}
+    late = {item.nodeid.split("::")[0] for item in items
+            if item.get_closest_marker("slow") or SESSION_MODELS & set(getattr(item, "fixturenames", ()))}
     order = {id(item): index for index, item in enumerate(items)}
-
-    def group(item) -> int:
-        module = item.nodeid.split("::")[0]
-        return 2 if module in on_models else 1 if module in slow else 0
-
-    items.sort(key=lambda item: (group(item), order[id(item)]))
+    items.sort(key=lambda item: (item.nodeid.split("::")[0] in late, order[id(item)]))
 
 
 def pytest_collection_finish(session):

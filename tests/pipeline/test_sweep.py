@@ -92,15 +92,14 @@ def test_shipped_sweeps_are_valid(tmp_path):
         "peft.r": [4, 8, 16], "train.lr_schedule": ["cosine", "constant"]}
 
 
-# 2 trials, one at a time: lr_schedule constant or cosine, both at LoRA rank 8 (the stage's own is 4, so
-# the promoted trial's --set flags must carry it). The stage warms up over 90% of its 24 steps; HF's
-# constant schedule has no warmup, cosine follows it, so the cosine trial trains at a fraction of the lr
-# for most of the run and is clearly bad (its loss stays near where it starts). Tune runs the grid with
-# the first key fastest: the constant trial first. ASHA (grace 2 reports, halving) stops a trial at a rung
-# where it is worse than the better half of the trials that reached it. (The 2 x 2 grid with ranks 4 and
-# 16 took 150 s of CI; a rank sweep is trained in test_an_interrupted_sweep_resumes... below. Two at a
-# time saved nothing on 2 cores, and let ASHA stop a constant trial at its last report.)
-SWEEP = {"search_space": {"peft.r": [8], "train.lr_schedule": ["constant", "cosine"]}, "metric": "final_loss",
+# 4 trials, one at a time: LoRA rank 4 or 16 x lr_schedule constant or cosine. The stage warms up over
+# 90% of its 24 steps; HF's constant schedule has no warmup, cosine follows it, so the cosine trials train
+# at a fraction of the lr for most of the run and are clearly bad (their loss stays near where it starts).
+# Tune runs the grid with the first key fastest: both constant trials first. ASHA (grace 2 reports,
+# halving) stops a trial at a rung where it is worse than the better half of the trials that reached it.
+# (Two at a time saved nothing on 2 cores, 146 s against 153 s, and let ASHA stop a constant trial at
+# its last report, so it counted as stopped after running every step.)
+SWEEP = {"search_space": {"peft.r": [4, 16], "train.lr_schedule": ["constant", "cosine"]}, "metric": "final_loss",
          "mode": "min", "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}}
 SWEEP_TRAIN = {"max_steps": 24, "logging_steps": 3, "lr": 3.0e-3, "warmup_ratio": 0.9,
                "save_steps": 12}  # checkpoint reports too
@@ -118,7 +117,7 @@ def test_sweep_node_stops_bad_trials_and_promotes_the_best(ray_cluster, tiny_bas
     results = sweep_artifact.manifest["sweep"]
     trials = results["trials"]
     print("\nsweep trials:", [(t["overrides"], t["status"], t.get("value")) for t in trials])
-    assert len(trials) == 2 and len({t["fingerprint"] for t in trials}) == 2
+    assert len(trials) == 4 and len({t["fingerprint"] for t in trials}) == 4
     bad = [t for t in trials if t["overrides"]["train.lr_schedule"] == "cosine"]
     good = [t for t in trials if t["overrides"]["train.lr_schedule"] == "constant"]
     assert results["stopped_early"] >= 1 and any(t["status"] == "stopped" for t in bad), trials
@@ -129,7 +128,7 @@ def test_sweep_node_stops_bad_trials_and_promotes_the_best(ray_cluster, tiny_bas
             assert trial["curve"][-1]["step"] < SWEEP_TRAIN["max_steps"], trial
             assert not (spec.run_root() / "sft" / trial["fingerprint"] / "manifest.json").exists()
     best = results["best"]
-    assert best["overrides"] == {"peft.r": 8, "train.lr_schedule": "constant"}, best
+    assert best["overrides"]["train.lr_schedule"] == "constant"
     assert best["value"] == min(t["value"] for t in good if "value" in t)
     assert best["value"] < min(t["value"] for t in bad) - MARGIN, trials
 
