@@ -65,18 +65,8 @@ demo: install
 	$(PY) -m pipeline.demo configs/tiny.yaml
 endif
 
-# The README's test command: everything, on a fresh machine. The vLLM environment installs in the
-# background at the lowest CPU priority while the main suite runs: it takes the CPU time the tests leave
-# idle (Ray's fixed costs), instead of ~170 s of its own. Its log is printed before the vLLM suite starts.
-INSTALL_LOG := .cache/install-vllm
-test: install
-	@mkdir -p .cache; rm -f $(INSTALL_LOG).rc; \
-	( nice -n 19 $(MAKE) --no-print-directory install-vllm >$(INSTALL_LOG).log 2>&1; echo $$? >$(INSTALL_LOG).rc ) & \
-	$(MAKE) --no-print-directory test-main; main=$$?; wait; \
-	echo "--- make install-vllm (in the background):"; cat $(INSTALL_LOG).log; \
-	[ $$main -eq 0 ] || exit $$main; \
-	[ "$$(cat $(INSTALL_LOG).rc)" = 0 ] || { echo "make install-vllm failed (its log is above)"; exit 1; }; \
-	$(MAKE) --no-print-directory test-vllm
+# The README's test command: everything, on a fresh machine.
+test: test-main test-vllm
 
 test-main: install
 	$(PY) $(PYTEST) -m "not vllm" tests
