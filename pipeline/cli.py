@@ -231,7 +231,8 @@ def cmd_plan(args) -> int:
     from pipeline.runner import plan
     from pipeline.sweep import concurrent_resources, describe_trials
     from pipeline.spec import load_spec
-    from stages.resources import format_amounts, peak
+    from pipeline.dag import concurrent_peak
+    from stages.resources import format_amounts
 
     spec = load_spec(args.config, args.overrides)
     the_plan = plan(spec)
@@ -253,7 +254,10 @@ def cmd_plan(args) -> int:
             print("\n".join(f"      {line}" for line in describe_trials(spec, node, upstream)))
         if node in resources:  # what the stage asks Ray for, under its line
             print("\n".join(f"      {line}" for line in resources[node].describe().splitlines()))
-    print(f"peak (the largest stage; stages run one at a time): {format_amounts(peak(resources.values()))}")
+    at_once = spec.max_concurrent_stages
+    most = format_amounts(concurrent_peak(the_plan.dag, resources, at_once))
+    print(f"peak (the largest stage; stages run one at a time): {most}" if at_once == 1 else
+          f"peak (up to {at_once} stages at once, none upstream of another): {most}")
     return 0
 
 

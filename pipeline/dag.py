@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.spec import PipelineSpec
+from stages.resources import RESOURCES, StageResources, peak_of_groups
 
 BASE = "base"
 
@@ -30,6 +31,26 @@ class DAG:
                 seen.add(node)
                 todo += self.parents.get(node, {}).values()
         return seen
+
+    def independent_groups(self, nodes: list[str], at_most: int, limit: int = 100_000) -> list[tuple[str, ...]] | None:
+        """Every set of 1 to ``at_most`` of ``nodes`` none of which is upstream of another: what
+        ``max_concurrent_stages: at_most`` may run at once. None when there are more than ``limit``."""
+        upstream = {node: self.upstream_closure({node}) - {node} for node in nodes}
+        groups: list[tuple[str, ...]] = []
+
+        def extend(group: tuple[str, ...], start: int) -> bool:
+            for index in range(start, len(nodes)):
+                node = nodes[index]
+                if any(node in upstream[g] or g in upstream[node] for g in group):
+                    continue
+                groups.append(group + (node,))
+                if len(groups) > limit:
+                    return False
+                if len(group) + 1 < at_most and not extend(group + (node,), index + 1):
+                    return False
+            return True
+
+        return groups if extend((), 0) else None
 
 
 
@@ -75,3 +96,14 @@ def _find_cycle(nodes: list[str], parents: dict[str, dict[str, str]]) -> list[st
         node = next(p for p in parents[node].values() if p in nodes)
     cycle = path[path.index(node):] + [node]
     return list(reversed(cycle))
+
+
+def concurrent_peak(dag: DAG, resources: dict[str, StageResources], at_once: int) -> dict[str, float]:
+    """What the stages that may run at the same time ask Ray for together, per resource: the largest
+    stage's when ``at_once`` is 1; else the largest sum over up to ``at_once`` stages none of which is
+    upstream of another (where those are too many to list, the ``at_once`` largest per resource, a bound)."""
+    groups = dag.independent_groups(list(resources), at_once)
+    if groups is not None:
+        return peak_of_groups([resources[node] for node in group] for group in groups)
+    return {key: sum(sorted((r.total[key] for r in resources.values()), reverse=True)[:at_once])
+            for key in RESOURCES}

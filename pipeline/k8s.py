@@ -13,7 +13,8 @@ RayCluster instead (``clusterSelector``, no ``rayClusterSpec``; see :func:`rende
 
 The cluster is sized from the stages' resource plans (``stages.resources``, see
 :func:`cluster_shape`): every training worker, rollout engine, reward-model actor and eval actor of
-the largest stage fits (a swept stage's ``max_concurrent_trials`` trials side by side), in pods
+the largest stage fits (a swept stage's ``max_concurrent_trials`` trials side by side; with
+``max_concurrent_stages``, the largest group of stages that may run at once), in pods
 of the largest member's CPUs and, with GPUs, ``nvidia.com/gpu`` limits of one member's GPUs or
 ``kubernetes.gpus_per_pod`` (``--gpus-per-pod``); ``--workers`` asks for more pods. Each worker
 container has ``kubernetes.cpu_headroom`` CPUs beyond those Ray schedules. The head runs drivers
@@ -41,7 +42,7 @@ from pipeline.cluster import DRIVER_ENV, JOIN_CLUSTER
 from pipeline.k8s_manifests import CONFIG_MOUNT, ClusterShape, head_group, submitter_template, worker_group
 from pipeline.spec import KubernetesConfig, PipelineSpec, load_spec
 from pipeline.sweep import concurrent_resources, resolve_sweep
-from stages.resources import peak
+from pipeline.dag import build_dag, concurrent_peak
 
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are DNS-1035 labels of at most 47 characters
 CLUSTER_SELECTOR_KEY = "ray.io/cluster"  # KubeRay selects an existing RayCluster by this label (its name)
@@ -50,7 +51,8 @@ CLUSTER_SELECTOR_KEY = "ray.io/cluster"  # KubeRay selects an existing RayCluste
 def cluster_shape(spec: PipelineSpec, gpus_per_pod: int | None = None, workers: int | None = None) -> ClusterShape:
     """Enough worker pods for the largest stage (every training worker, rollout engine, reward-model
     actor and eval actor it runs at once: ``stages.resources``; a swept stage, that times its
-    ``max_concurrent_trials``: ``pipeline.sweep.concurrent_resources``), stages running one at a time.
+    ``max_concurrent_trials``: ``pipeline.sweep.concurrent_resources``); with ``max_concurrent_stages``
+    above 1, for the largest group of stages that may run at once (``pipeline.dag.concurrent_peak``).
 
     A pod holds the largest single member (its CPUs; its GPUs, or ``gpus_per_pod`` of them). CPU
     pipelines get pods of that size, as many as the peak CPUs need. GPU pipelines get
@@ -68,10 +70,10 @@ def cluster_shape(spec: PipelineSpec, gpus_per_pod: int | None = None, workers: 
 
 
 def _least_shape(spec: PipelineSpec, gpus_per_pod: int | None) -> ClusterShape:
-    plans = [concurrent_resources(config, name) for name, config in spec.stages.items()]
-    groups = [g for plan in plans for g in plan.groups]
+    by_stage = {name: concurrent_resources(config, name) for name, config in spec.stages.items()}
+    groups = [g for plan in by_stage.values() for g in plan.groups]
     member_cpus = max((g.cpus for g in groups), default=0.0) or 1.0  # no Ray stage: one small worker
-    most = peak(plans)
+    most = concurrent_peak(build_dag(spec), by_stage, spec.max_concurrent_stages)
     if not most["GPU"]:
         return ClusterShape(replicas=max(1, math.ceil(most["CPU"] / member_cpus - 1e-9)), cpus=member_cpus)
     member_gpus = max(b.get("GPU", 0.0) for g in groups for b in g.member_bundles() or [{}])

@@ -197,7 +197,12 @@ def colocation_notes(config, groups: Iterable[ResourceGroup]) -> list[str]:
 
 def peak(plans: Iterable[StageResources]) -> dict[str, float]:
     """The most any one stage asks for, per resource: stages run one at a time."""
-    totals = [p.total for p in plans]
+    return peak_of_groups([plan] for plan in plans)
+
+
+def peak_of_groups(groups: Iterable[Iterable[StageResources]]) -> dict[str, float]:
+    """The most any one group of stages that run together asks for, per resource."""
+    totals = [{key: sum(p.total[key] for p in group) for key in RESOURCES} for group in map(list, groups)]
     return {key: max((t[key] for t in totals), default=0.0) for key in RESOURCES}
 
 

@@ -91,3 +91,29 @@ def test_the_limit_is_validated(tmp_path, tiny_base):
 
     with pytest.raises(SpecError, match="max_concurrent_stages"):
         make_spec(tmp_path, tiny_base, STAGES, max_concurrent_stages=0)
+
+
+def test_independent_groups_are_the_stages_none_upstream_of_another(tmp_path, tiny_base):
+    dag = plan(make_spec(tmp_path, tiny_base, STAGES)).dag
+    stages = list(STAGES)
+    assert dag.independent_groups(stages, 1) == [(s,) for s in stages]
+    pairs = {g for g in dag.independent_groups(stages, 2) if len(g) == 2}
+    assert pairs == {("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d")}  # d is downstream of c only
+    assert {g for g in dag.independent_groups(stages, 5) if len(g) > 2} == {("a", "b", "c"), ("a", "b", "d")}
+    assert dag.independent_groups(stages, 5, limit=4) is None  # too many to list
+
+
+# configs/tiny.yaml's stages ask for 2 CPUs each (sft, reward, dpo, ppo, grpo), eval 1 (`rayalign plan`).
+@pytest.mark.parametrize("at_once, cpus", [(1, 2), (2, 4), (3, 6), (4, 8), (8, 8)])
+def test_the_plan_and_the_kuberay_cluster_hold_the_stages_that_may_run_at_once(at_once, cpus, tmp_path, capsys):
+    """reward, dpo, ppo and grpo may run together after sft: the peak is the largest group of up to N of them."""
+    from pipeline.cli import main
+    from pipeline.k8s import cluster_shape
+    from pipeline.spec import load_spec
+    from tests.tiny_dag import TINY
+
+    sets = [f"max_concurrent_stages={at_once}", f"storage={tmp_path}"]
+    assert cluster_shape(load_spec(TINY, sets)).replicas == cpus  # pods of one CPU, its largest member
+    assert main(["plan", str(TINY), *(x for s in sets for x in ("--set", s))]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("peak (") and last.endswith(f": {cpus} CPU"), last
