@@ -292,6 +292,22 @@ class DeepSpeedConfig(ConfigModel):
         return self
 
 
+class EWCConfig(ConfigModel):
+    """Elastic weight consolidation (Kirkpatrick et al., 2017): while training on new data, the penalty
+    ``lambda / 2 * sum_i F_i (theta_i - theta*_i)^2`` holds each trainable weight near its upstream value
+    ``theta*`` in proportion to ``F_i``, the diagonal empirical Fisher on the old task's data."""
+
+    lambda_: float = Field(alias="lambda", ge=0, description="Penalty strength; 0 trains as plain fine-tuning "
+                           "and still reports the old task's held-out loss (heldout_loss/previous_task).")
+    fisher_samples: int = Field(64, ge=1, description="Old-task training examples the Fisher is averaged over.")
+    data: DataSection | None = Field(None, description="The old task's data; default the upstream stage's data "
+                                     "(read from its manifest).")
+
+
+class ContinualConfig(ConfigModel):
+    ewc: EWCConfig | None = None
+
+
 class TrackingConfig(ConfigModel):
     backend: Literal["tensorboard", "mlflow", "wandb", "none"] = "tensorboard"
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default a file store in the run folder.")

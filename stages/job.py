@@ -38,6 +38,11 @@ class WorkerJob(ConfigModel):
     has_eval: bool = False  # evaluate during training (eval_steps / early stopping)
 
 
+class SFTJob(WorkerJob):
+    previous_task_file: str | None = None  # continual.ewc: the old task's training rows (the Fisher's examples)
+    previous_task_eval_file: str | None = None  # and its held-out rows: heldout_loss/previous_task
+
+
 class RewardJob(WorkerJob):
     final_model_dir: str  # the plain sequence classifier (the adapter merged into it under PEFT)
     eval_task: str | None = None  # the built-in task whose categories split the held-out metrics

@@ -114,7 +114,9 @@ def data_sources(config: StageConfig) -> dict[str, tuple[DataConfig, str]]:
     sources = {}
     for field_name, default_kind in config.data_inputs.items():
         record_kind = config.record_kind(field_name, default_kind)
-        value = getattr(config, field_name, None)
+        value = config
+        for part in field_name.split("."):  # a nested section's data: "continual.ewc.data"
+            value = getattr(value, part, None)
         for i, data in enumerate(value if isinstance(value, list) else [value]):
             if isinstance(data, DataConfig):
                 sources[field_name if not isinstance(value, list) else f"{field_name}[{i}]"] = (data, record_kind)

@@ -48,6 +48,11 @@ def world_rank() -> int:
     return train.get_context().get_world_rank() if train is not None else 0
 
 
+def world_size() -> int:
+    train = _ray_train()
+    return train.get_context().get_world_size() if train is not None else 1
+
+
 def barrier() -> None:
     """Wait for every rank (torch.distributed); a no-op alone."""
     import torch.distributed as dist

@@ -33,6 +33,7 @@ def summarize_training(ctx: StageContext, config: TrainingStageConfig, log: dict
     if "eval_loss" in curves:
         metrics["best_eval_loss"] = min(p["value"] for p in curves["eval_loss"])
     metrics.update(log.get("heldout") or {})  # a mixture's per-task held-out loss on the final model
+    metrics.update(log.get("stage_metrics") or {})  # e.g. continual.ewc's Fisher: ewc_fisher_examples, _mean
     metrics.update(extra_metrics or {})
     merged = ctx.work_dir / "merged"
     manifest = {

@@ -34,12 +34,13 @@ def load(ctx: StageContext, data: DataConfig, kind: str):
     return load_records(ctx.resolve(data.path), kind, format=data.format, limit=data.limit)
 
 
-def prepare(ctx: StageContext, data: DataConfig | list[DataSource], kind: str, seed: int = 0) -> PreparedData:
-    """Load, split and write ``data`` as ``<work_dir>/data/{train,eval}.jsonl``."""
+def prepare(ctx: StageContext, data: DataConfig | list[DataSource], kind: str, seed: int = 0,
+            folder_name: str = "data") -> PreparedData:
+    """Load, split and write ``data`` as ``<work_dir>/<folder_name>/{train,eval}.jsonl``."""
     if isinstance(data, list):
-        return prepare_mixture(ctx, data, kind, seed)
+        return prepare_mixture(ctx, data, kind, seed, folder_name)
     records, eval_records, summary = _load_and_split(ctx, data, kind, seed)
-    folder = ctx.work_dir / "data"
+    folder = ctx.work_dir / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     train_file = write_jsonl(folder / "train.jsonl", (r.to_trl() for r in records))
     eval_file = write_jsonl(folder / "eval.jsonl", (r.to_trl() for r in eval_records)) if eval_records else None
@@ -69,7 +70,8 @@ def _load_and_split(ctx: StageContext, data: DataConfig, kind: str, seed: int) -
     return records, eval_records, summary
 
 
-def prepare_mixture(ctx: StageContext, sources: list[DataSource], kind: str, seed: int = 0) -> PreparedData:
+def prepare_mixture(ctx: StageContext, sources: list[DataSource], kind: str, seed: int = 0,
+                    folder_name: str = "data") -> PreparedData:
     """A weighted mixture: training records drawn from every source (seeded), held-out records of all of them."""
     labels = source_labels(sources)
     parts = [_load_and_split(ctx, source, kind, seed) for source in sources]
@@ -79,7 +81,7 @@ def prepare_mixture(ctx: StageContext, sources: list[DataSource], kind: str, see
     order = sample_mixture([len(train) for train, _, _ in parts], probabilities, seed, strategy)
     records = [parts[s][0][i] for s, i in order]
     drawn = Counter(s for s, _ in order)
-    folder = ctx.work_dir / "data"
+    folder = ctx.work_dir / folder_name
     (folder / "eval").mkdir(parents=True, exist_ok=True)
     train_file = write_jsonl(folder / "train.jsonl", (r.to_trl() for r in records))
     eval_records = [r for _, held_out, _ in parts for r in held_out]

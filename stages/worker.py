@@ -217,6 +217,9 @@ def checkpoint_step(checkpoint: str | None) -> int | None:
     return json.loads(state.read_text())["global_step"] if state.exists() else None
 
 
+STAGE_METRICS = "rayalign_stage_metrics"  # a trainer attribute: numbers a stage measured before training
+
+
 def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_stopping: bool = False,
                    final_evals: dict | None = None) -> None:
     """Train (resuming if a checkpoint exists), save the HF folder, and write the training log.
@@ -263,6 +266,7 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
             "model_summary": summary,
             "probe": probe,
             "heldout": heldout,
+            "stage_metrics": getattr(trainer, STAGE_METRICS, {}),
         }
         (Path(job.work_dir) / TRAIN_LOG).write_text(json.dumps(log, default=float))
 
