@@ -39,7 +39,7 @@ class Refusal:
     engines: tuple[str, ...] | None
     reason: str
     applies: Callable[[PeftConfig], bool] | None = None
-    option: str = "method"  # the peft field the message names
+    option: str = "method"  # the peft field the message names (method, init, quant_bits)
 
     def matches(self, kind: str, peft: PeftConfig, zero_stage: int | None, engine: str | None) -> bool:
         return (peft.method in self.methods
@@ -76,6 +76,10 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal(("qlora",), ("ppo",), (3,), ANY,
             "PPO's own loop (stages.ppo) does not support a quantized base under ZeRO-3; use deepspeed.zero_stage "
             "2 or none"),
+    Refusal(("qlora",), ("ppo",), ANY, ("vllm",),
+            "vLLM quantizes a base in flight to 4 bits only (quantization=bitsandbytes), so its engines cannot serve "
+            "the policy's 8-bit base; use peft.quant_bits 4 or rollout.engine hf",
+            applies=lambda peft: peft.quant_bits == 8, option="quant_bits"),
     Refusal(("lora", "qlora"), ANY, (3,), ANY,
             "pissa/olora save the untrained adapter before training to convert the trained one for the original "
             "base, and under ZeRO-3 it is partitioned then; use zero_stage 2 (or none), or init default",
@@ -87,7 +91,7 @@ def support_problem(kind: str, peft: PeftConfig, zero_stage: int | None, engine:
     """Why ``peft`` cannot train in a ``kind`` stage under ``zero_stage`` with rollout ``engine`` (None: it can)."""
     for row in REFUSALS:
         if row.matches(kind, peft, zero_stage, engine):
-            value = peft.init if row.option == "init" else peft.method
+            value = getattr(peft, row.option)
             where = [f"{kind} stages"]
             if row.zero_stages is not ANY:
                 where.append(f"deepspeed.zero_stage {zero_stage}")

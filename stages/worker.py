@@ -226,6 +226,8 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
     ``final_evals`` (name -> held-out dataset) are evaluated once on the final model: ``heldout_loss/<name>``."""
     from transformers import EarlyStoppingCallback, PrinterCallback
 
+    from stages.models import keep_trainable_in_precision
+
     trainer.remove_callback(PrinterCallback)  # replaced by the one-line progress callback
     trainer.add_callback(ProgressCallback(job.stage))
     if config.train.save_steps:
@@ -234,6 +236,8 @@ def train_and_save(trainer, job: WorkerJob, config: TrainingStageConfig, early_s
         trainer.add_callback(ReportToTune())
     if early_stopping and config.train.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience))
+    if config.peft.method == "qlora":  # before the optimizer exists: it is built in trainer.train()
+        keep_trainable_in_precision(trainer.model, job.precision)
     use_layer_lr_decay(trainer, config.train)
     if converts_on_save(config.peft):  # PiSSA/OLoRA: the adapter as it starts
         if config.kind == "dpo":  # its reference is the adapter-disabled model: the residual, not the base

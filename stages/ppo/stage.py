@@ -151,6 +151,8 @@ class RolloutEngines:
         # "auto" is decided in the engine's actor (bf16 on its GPU, fp32 on a CPU), not on this driver.
         kwargs = {"dtype": {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
             self.config.train.precision]}
+        if self.config.peft.method == "qlora":  # the engines quantize the base as the trainer does
+            kwargs["quantized_base"] = self.config.peft.quant_bits
         if self.config.peft.method != "full":
             # Used by vLLM (the hf engine ignores them): LoRA serving with a rank vLLM accepts.
             kwargs.update(enable_lora=True, max_lora_rank=choose_max_lora_rank(self.config.peft.r))

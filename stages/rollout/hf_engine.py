@@ -46,6 +46,7 @@ class HFEngine(RolloutEngine):
         max_batch_size: int = 64,
         add_special_tokens: bool = True,
         num_threads: int | None = None,
+        quantized_base: int | None = None,
         **_ignored: Any,  # vLLM-only options (tensor_parallel_size, enable_lora, ...) are accepted
     ) -> None:
         from transformers import AutoTokenizer
@@ -62,6 +63,9 @@ class HFEngine(RolloutEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or model_path))
         self.adapter_name: str | None = None
         self._adapter_counter = 0
+        # QLoRA's policy (peft.quant_bits): the base quantized as the trainer quantizes it (stages.models),
+        # so that the engine's log-probs are the trainer's and not the unquantized base's.
+        self.quantized_base = quantized_base
         self.model = self._load_full(self.model_path)
 
     # -- loading --
@@ -69,6 +73,14 @@ class HFEngine(RolloutEngine):
     def _load_full(self, path: str):
         from transformers import AutoModelForCausalLM
 
+        if self.quantized_base:
+            from stages.models import quantization_config, without_cpu_repacking
+
+            precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+            model = AutoModelForCausalLM.from_pretrained(  # bitsandbytes models are placed, not moved
+                path, dtype=self.dtype, use_safetensors=True, device_map={"": self.device},
+                quantization_config=quantization_config(self.quantized_base, precision))
+            return without_cpu_repacking(model).eval()  # the trainer's kernel, so the same numbers
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, use_safetensors=True)
         return model.to(self.device).eval()
 

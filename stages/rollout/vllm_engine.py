@@ -233,6 +233,7 @@ class VLLMEngine(RolloutEngine):
         add_special_tokens: bool = True,
         kv_cache_gib: int = 1,
         num_threads: int | None = None,
+        quantized_base: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
         """``max_lora_rank``: one of vLLM's allowed ranks; when omitted with ``enable_lora`` it is
@@ -245,7 +246,14 @@ class VLLMEngine(RolloutEngine):
         ``stages.rollout.vllm_settings``. ``enforce_eager``: None is True on CPU (the engine started in 26 s
         instead of 42 s without torch.compile, and generated as fast on the tiny model) and False on GPU
         (CUDA graphs). ``num_threads``: accepted for the engines' common signature and unused (the CPU build binds its
-        own OpenMP threads, ``VLLM_CPU_OMP_THREADS_BIND``). ``llm_kwargs`` go to ``vllm.LLM``."""
+        own OpenMP threads, ``VLLM_CPU_OMP_THREADS_BIND``). ``quantized_base``: QLoRA's bits; 4 serves the base
+        quantized in flight by bitsandbytes (vLLM's ``quantization="bitsandbytes"``, NF4), 8 is refused (vLLM
+        quantizes in flight to 4 bits only). ``llm_kwargs`` go to ``vllm.LLM``."""
+        if quantized_base == 8:
+            raise ValueError("vLLM quantizes a base in flight to 4 bits only, and the policy's base is 8-bit "
+                             "(peft.quant_bits 8); use rollout.engine hf or peft.quant_bits 4")
+        if quantized_base == 4:
+            llm_kwargs.setdefault("quantization", "bitsandbytes")
         import vllm
         from vllm.platforms import current_platform
 

@@ -24,6 +24,8 @@ def example(row) -> tuple[str, PeftConfig, int | None, str | None]:
     peft = {"method": row.methods[0]}
     if row.option == "init":
         peft["init"] = "olora"
+    if row.option == "quant_bits":
+        peft["quant_bits"] = 8
     return ((row.kinds or ("sft",))[0], PeftConfig(**peft), (row.zero_stages or (None,))[0],
             (row.engines or (None,))[0])
 
@@ -37,7 +39,8 @@ def test_every_refusal_gives_its_reason(row):
     assert problem.startswith(f"peft.{row.option}: ")
     # Each method the row lists is refused there too.
     for method in row.methods:
-        other = PeftConfig(method=method, **({"init": "olora"} if row.option == "init" else {}))
+        other = PeftConfig(method=method, **({"init": "olora"} if row.option == "init" else {}),
+                           **({"quant_bits": 8} if row.option == "quant_bits" else {}))
         assert support_problem(kind, other, zero_stage, engine) is not None
 
 
@@ -45,6 +48,10 @@ def test_every_refusal_gives_its_reason(row):
     ({"kind": "reward", "data": "builtin:addition", "peft": {"method": "prompt_tuning"}},
      r"stages\.s\.peft\.method: prompt_tuning does not work in reward stages: the reward stage's output is its "
      r"adapter merged into a plain classifier"),
+    ({"kind": "ppo", "prompts": "builtin:addition", "reward_fn": "addition", "rollout": {"engine": "vllm"},
+      "peft": {"method": "qlora", "quant_bits": 8}},
+     r"stages\.s\.peft\.quant_bits: 8 does not work in ppo stages with rollout\.engine vllm: vLLM quantizes a base "
+     r"in flight to 4 bits only"),
     ({"kind": "reward", "data": "builtin:addition", "peft": {"method": "prefix_tuning"}},
      r"stages\.s\.peft\.method: prefix_tuning does not work in reward stages"),
     ({"kind": "sft", "data": "builtin:addition", "peft": {"method": "lora", "init": "pissa"},
