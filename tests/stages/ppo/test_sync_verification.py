@@ -75,8 +75,8 @@ def test_verified_syncs_match_within_the_fp32_tolerance_and_warn_mode_goes_on(ad
     from stages.ppo.verify import FP32_TOLERANCE
 
     records = run_standalone(addition_sft, tmp_path / "good", {"method": "full"})
-    # Measured 2.4e-7..2.6e-6 (fp32 rounding); FP32_TOLERANCE is 1e-4.
-    assert max(r["sync_probe_diff"] for r in records) < FP32_TOLERANCE / 10, records
+    # Measured 2.4e-7..2.6e-6 (fp32 rounding); FP32_TOLERANCE is 1e-3.
+    assert max(r["sync_probe_diff"] for r in records) < FP32_TOLERANCE / 100, records
     skip_update_at_call(monkeypatch, 2)
     records = run_standalone(addition_sft, tmp_path / "warn", {"method": "full"}, verify_sync="warn")
     assert [r["step"] for r in records] == [1, 2, 3]
