@@ -48,6 +48,7 @@ from stages.rollout.base import (
     vllm_cpu_env_vars,
     vllm_lora_ranks,
 )
+from stages.rollout.vllm_settings import quantize_in_flight
 
 WORKER_EXTENSION = "stages.rollout.vllm_engine.WeightSyncExtension"
 
@@ -246,14 +247,9 @@ class VLLMEngine(RolloutEngine):
         ``stages.rollout.vllm_settings``. ``enforce_eager``: None is True on CPU (the engine started in 26 s
         instead of 42 s without torch.compile, and generated as fast on the tiny model) and False on GPU
         (CUDA graphs). ``num_threads``: accepted for the engines' common signature and unused (the CPU build binds its
-        own OpenMP threads, ``VLLM_CPU_OMP_THREADS_BIND``). ``quantized_base``: QLoRA's bits; 4 serves the base
-        quantized in flight by bitsandbytes (vLLM's ``quantization="bitsandbytes"``, NF4), 8 is refused (vLLM
-        quantizes in flight to 4 bits only). ``llm_kwargs`` go to ``vllm.LLM``."""
-        if quantized_base == 8:
-            raise ValueError("vLLM quantizes a base in flight to 4 bits only, and the policy's base is 8-bit "
-                             "(peft.quant_bits 8); use rollout.engine hf or peft.quant_bits 4")
-        if quantized_base == 4:
-            llm_kwargs.setdefault("quantization", "bitsandbytes")
+        own OpenMP threads, ``VLLM_CPU_OMP_THREADS_BIND``). ``quantized_base``: QLoRA's bits (``quantize_in_flight``).
+        ``llm_kwargs`` go to ``vllm.LLM``."""
+        quantize_in_flight(llm_kwargs, quantized_base)
         import vllm
         from vllm.platforms import current_platform
 

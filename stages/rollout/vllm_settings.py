@@ -123,3 +123,14 @@ def longest_prompt_in_files(paths, tokenizer) -> int:
                         yield messages
 
     return longest_prompt_tokens(tokenizer, prompts())
+
+
+def quantize_in_flight(llm_kwargs: dict, quantized_base: int | None) -> None:
+    """QLoRA's policy (``peft.quant_bits``): 4 serves the base quantized in flight by bitsandbytes (vLLM's
+    ``quantization="bitsandbytes"``, NF4), as the trainer quantizes it; 8 is refused (vLLM quantizes in
+    flight to 4 bits only)."""
+    if quantized_base == 8:
+        raise ValueError("vLLM quantizes a base in flight to 4 bits only, and the policy's base is 8-bit "
+                         "(peft.quant_bits 8); use rollout.engine hf or peft.quant_bits 4")
+    if quantized_base == 4:
+        llm_kwargs.setdefault("quantization", "bitsandbytes")

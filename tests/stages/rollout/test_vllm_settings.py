@@ -138,3 +138,15 @@ def test_ppo_engine_dtype_auto_is_left_to_the_engine(tmp_path):
     import torch
 
     assert inference_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_a_qlora_policy_is_served_quantized_in_flight_at_4_bits_only():
+    from stages.rollout.vllm_settings import quantize_in_flight
+
+    kwargs: dict = {}
+    quantize_in_flight(kwargs, 4)
+    assert kwargs == {"quantization": "bitsandbytes"}
+    quantize_in_flight(kwargs := {}, None)
+    assert kwargs == {}
+    with pytest.raises(ValueError, match="4 bits only"):
+        quantize_in_flight({}, 8)
