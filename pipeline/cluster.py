@@ -111,6 +111,10 @@ def start_ray(spec: PipelineSpec) -> None:
         # that ASHA stopped kept its workers' CPUs, so the following trials never started.
         kwargs.update(address="local", num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus,
                       include_dashboard=True, dashboard_host="127.0.0.1")
+        # Ray 2.60's gRPC servers listen on every interface, with no option for the loopback only. Its token
+        # authentication, on by default for a new local instance unless RAY_AUTH_MODE says otherwise, makes
+        # them refuse callers without the instance's token (tests/pipeline/test_ray_connect.py). Not set here:
+        # Ray refreshes its in-process config only when it turns the mode on itself.
     ray.init(**kwargs)
     if not is_verbose():
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the executor's per-dataset lines
