@@ -32,8 +32,8 @@ Per method:
   the carry 65% of the time (``configs/tiny.yaml``), so a perfect imitator scores about 0.35 on problems with
   a carry and 1.0 on the others: see ``ceiling`` in the JSON.
 
-Writes ``benchmarks/results/compare_methods.json``, ``compare_methods.png`` next to it, and prints a
-markdown table. The machine's load average at start and end is in the JSON (other jobs share the cores).
+Writes ``benchmarks/results/compare_methods.json``, ``compare_methods.png`` next to it, and the run's report
+``compare_methods.md`` (the budget, the table and the plot), and prints the table. The machine's load average at start and end is in the JSON (other jobs share the cores).
 """
 
 from __future__ import annotations
@@ -343,6 +343,28 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_report(result: dict, json_path: Path) -> Path:
+    """The run's report, ``<out>.md`` beside the JSON: its budget, the table and the plot (``<out>.png``)."""
+    budget, rows = result["budget"], result["methods"]
+    report = json_path.with_suffix(".md")
+    report.write_text("\n".join([
+        f"# Adaptation methods compared: {budget['steps']} SFT steps x {budget['batch_size']} on "
+        f"{', '.join(result['bases'])}",
+        "",
+        f"`{result['command']}`: {result['wall_s']} s, load average {result['loadavg_start'][0]} -> "
+        f"{result['loadavg_end'][0]} on {result['machine']['cpus']} CPUs. Task `{budget['task']}`, max length "
+        f"{budget['max_length']}, {budget['lr_schedule']}, {budget['workers']} Ray Train worker of "
+        f"{budget['cpus_per_worker']} CPUs, learning rates {budget['lr']}. Held-out accuracy on "
+        f"{budget['heldout_problems']} test problems; the demonstrator itself scores "
+        f"{result['ceiling']['demonstrator_accuracy']}.",
+        "",
+        markdown_table(rows),
+        "",
+        f"![accuracy, loss, memory and speed per method]({json_path.with_suffix('.png').name})",
+        ""]))
+    return report
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -425,7 +447,7 @@ def main() -> int:
          f"{args.steps} SFT steps x {args.batch} on {args.base} (2 CPUs); load {result['loadavg_start'][0]}"
          f"-{result['loadavg_end'][0]}")
     print(markdown_table(rows))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {result['wall_s']} s")
+    print(f"wrote {args.out}, its plot and its report {write_report(result, args.out)} in {result['wall_s']} s")
     return 0
 
 

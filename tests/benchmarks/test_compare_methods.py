@@ -44,3 +44,16 @@ def test_every_method_builds_a_valid_sft_spec(compare, tmp_path):
 def test_the_table_names_a_skipped_method(compare):
     table = compare.markdown_table([{"method": "qlora", "skipped": "no bitsandbytes"}])
     assert "| qlora | skipped: no bitsandbytes |" in table
+
+
+def test_the_report_holds_the_budget_every_method_and_the_plot(compare, tmp_path):
+    """The committed demo-budget run, rewritten as a report: one table row per method and the plot's link."""
+    import json
+
+    source = REPO / "benchmarks" / "results" / "compare_methods_demo_budget.json"
+    result = json.loads(source.read_text())
+    report = compare.write_report(result, tmp_path / source.name).read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(compare.METHODS)
+    assert "700 SFT steps x 64" in report and "| full | 540.3k | 100% |" in report
+    assert "](compare_methods_demo_budget.png)" in report
