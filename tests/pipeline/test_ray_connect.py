@@ -3,7 +3,7 @@
 * no address and no ``RAY_ADDRESS``: a new private instance with the file's ``num_cpus`` and its
   dashboard on 127.0.0.1 only, even where a bootstrap file names another cluster (``ray start``
   leaves one behind); its gRPC ports, which Ray binds to every interface, refuse callers without the
-  instance's token (Ray's token authentication, which ``start_ray`` asks for);
+  instance's token (Ray's token authentication, on by default for a new local instance);
 * ``RAY_ADDRESS``: join that cluster (here the test session's), without passing ``num_cpus``.
 """
 
@@ -20,11 +20,43 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Ray's gRPC servers listen on every interface: the probe calls the GCS and the raylet at the node's address,
+# as another machine would, without the instance's token and with it (the control shows that only the token
+# is missing).
 CONNECT = """
-import json, sys
+import json, os, sys
+from pathlib import Path
+
 import ray
 from pipeline.cluster import ensure_ray
 from pipeline.spec import parse_spec
+
+
+def grpc_answers(gcs_address):
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, node_manager_pb2, node_manager_pb2_grpc
+
+    # Where Ray reads the token from, in its order.
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    token = os.environ.get("RAY_AUTH_TOKEN") or token_file.read_text().strip()
+    node = ray.nodes()[0]
+    raylet = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+    calls = {
+        "gcs": lambda meta: gcs_service_pb2_grpc.NodeInfoGcsServiceStub(grpc.insecure_channel(gcs_address))
+        .GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), timeout=20, metadata=meta),
+        "raylet": lambda meta: node_manager_pb2_grpc.NodeManagerServiceStub(grpc.insecure_channel(raylet))
+        .GetNodeStats(node_manager_pb2.GetNodeStatsRequest(), timeout=20, metadata=meta),
+    }
+    answers = {"addresses": [gcs_address, raylet]}
+    for name, call in calls.items():
+        for label, meta in (("no_token", None), ("token", [("authorization", "Bearer " + token)])):
+            try:
+                call(meta)
+                answers[f"{name}_{label}"] = "OK"
+            except grpc.RpcError as error:
+                answers[f"{name}_{label}"] = error.code().name
+    return answers
+
 
 spec = parse_spec({"name": "connect", "storage": sys.argv[1], "ray": {"num_cpus": 3},
                    "stages": {"sft": {"data": "builtin:addition"}}})
@@ -35,43 +67,12 @@ print("RESULT", json.dumps({"cpus": ray.cluster_resources().get("CPU"), "gcs": c
 ray.shutdown()
 """
 
-# Ray's gRPC servers listen on every interface: call the GCS and the raylet at the node's address, as another
-# machine would, without the instance's token and with it (the control shows that only the token is missing).
-GRPC_PROBE = """
-def grpc_answers(gcs_address):
-    from pathlib import Path
-
-    import grpc
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, node_manager_pb2, node_manager_pb2_grpc
-
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-    node = ray.nodes()[0]
-    raylet = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
-    calls = {
-        "gcs": lambda meta: gcs_service_pb2_grpc.NodeInfoGcsServiceStub(grpc.insecure_channel(gcs_address))
-        .GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), timeout=20, metadata=meta),
-        "raylet": lambda meta: node_manager_pb2_grpc.NodeManagerServiceStub(grpc.insecure_channel(raylet))
-        .GetNodeStats(node_manager_pb2.GetNodeStatsRequest(), timeout=20, metadata=meta),
-    }
-    answers = {}
-    for name, call in calls.items():
-        for label, meta in (("no_token", None), ("token", [("authorization", "Bearer " + token)])):
-            try:
-                call(meta)
-                answers[f"{name}_{label}"] = "OK"
-            except grpc.RpcError as error:
-                answers[f"{name}_{label}"] = error.code().name
-    answers["addresses"] = [gcs_address, raylet]
-    return answers
-"""
-
 
 def connect(tmp_path: Path, probe: str = "no", **env: str) -> dict:
     # The probe's driver gets no RAY_AUTH_MODE (the test session sets it): start_ray must ask for tokens itself.
     dropped = ("RAY_ADDRESS", "RAY_AUTH_MODE") if probe == "probe" else ("RAY_ADDRESS",)
     environment = {k: v for k, v in os.environ.items() if k not in dropped}
-    script = CONNECT.replace("ensure_ray(spec)\n", GRPC_PROBE + "\nensure_ray(spec)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), probe], cwd=REPO, env={**environment, **env},
+    done = subprocess.run([sys.executable, "-c", CONNECT, str(tmp_path), probe], cwd=REPO, env={**environment, **env},
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
