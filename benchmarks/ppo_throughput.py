@@ -14,11 +14,11 @@ samples, KL coefficient ``beta`` (k3, in the loss) on both sides, dropout off, o
   * rayalign: the ``ppo`` stage with ``algorithm.advantage: grpo`` through the pipeline runner, in each
     rollout layout of ``LAYOUTS`` (one Ray Train worker; the engine in its process, or an hf engine
     actor sharing its cores, or an actor on a core of its own); samples/s from the wall time between
-    iteration ends (median after the first: rollout, scoring, experience, update, sync, verification
+    iteration ends (median over the second half: rollout, scoring, experience, update, sync, verification
     and reporting all count), with that time split into its phases, and end to end (stage wall time,
     Ray start-up and the held-out scoring included);
   * TRL: ``GRPOTrainer`` in this process (HF ``generate``, no vLLM, 2 threads), run before and after
-    rayalign's layouts; samples/s from the time between step ends (median after the first) and from
+    rayalign's layouts; samples/s from the time between step ends (median over the second half) and from
     ``train_runtime``.
 The ratio is rayalign / TRL (the mean of its two runs). Not part of the test suite.
 """
@@ -124,6 +124,12 @@ LAYOUTS = {
 }
 
 
+def steady_part(values: list) -> list:
+    """The second half of a run's iterations: a fresh Ray instance (its dashboard, the Train controller)
+    still takes CPU for its first seconds, which slowed the first ~10 of 20 iterations on 2 cores."""
+    return values[len(values) // 2:]
+
+
 def grpo_stage(args, rollout: dict) -> dict:
     """The GRPO stage every rayalign layout runs (``rollout``: where its rollouts come from)."""
     return {"kind": "ppo", "from": "sft", "prompts": "builtin:addition", "reward_fn": "addition",
@@ -154,11 +160,11 @@ def grpo_standalone(model: str, storage: Path, args) -> dict:
                  critic_source=model)
     train_ppo_worker(worker_arguments(job, config, engines=[]))
     rows = [json.loads(line) for line in (storage / METRICS_FILE).read_text().splitlines()]
-    steady = statistics.median(r["iteration_seconds"] for r in rows[1:])
+    steady = statistics.median(r["iteration_seconds"] for r in steady_part(rows))
     return {"layout": "train_ppo_worker in this process (no Ray), engine trainer, 2 threads",
             "iteration_seconds": [round(r["iteration_seconds"], 4) for r in rows],
             "samples_per_s_steady": round(args.prompts * args.n / steady, 2),
-            "phase_seconds_median": {k: round(statistics.median(r[f"{k}_seconds"] for r in rows[1:]), 4)
+            "phase_seconds_median": {k: round(statistics.median(r[f"{k}_seconds"] for r in steady_part(rows)), 4)
                                      for k in PHASES}}
 
 
@@ -176,8 +182,8 @@ def grpo_rayalign(model: str, storage: Path, args, layout: str) -> dict:
     curves = artifact.manifest["curves"]
     iteration = [p["value"] for p in curves["iteration_seconds"]]
     samples = args.prompts * args.n
-    steady = statistics.median(iteration[1:] or iteration)
-    phases = {k: round(statistics.median(p["value"] for p in curves[f"{k}_seconds"]), 4) for k in PHASES}
+    steady = statistics.median(steady_part(iteration))
+    phases = {k: round(statistics.median(p["value"] for p in steady_part(curves[f"{k}_seconds"])), 4) for k in PHASES}
     phases["other"] = round(max(0.0, steady - sum(phases.values())), 4)  # reporting, metric reduction, Python
     return {
         "layout": LAYOUTS[layout][0],
@@ -238,7 +244,7 @@ def grpo_trl(model: str, out_dir: Path, args) -> dict:
                           processing_class=AutoTokenizer.from_pretrained(model), callbacks=[timer])
     result = trainer.train()
     samples = args.prompts * args.n
-    steady = statistics.median(timer.times[1:] or timer.times)
+    steady = statistics.median(steady_part(timer.times))
     return {
         "samples_per_iteration": samples,
         "step_seconds": [round(s, 4) for s in timer.times],

@@ -11,11 +11,13 @@ both built once into the git-ignored ``.cache/benchmarks``. Engines: ``hf`` and 
 
 * ``state_dict`` (today): gathered state_dict -> ``ray.put`` -> the actor -> (vLLM) a safetensors blob
   through ``collective_rpc`` -> ``reload_weights``;
-* ``stream``: one broadcast per tensor over a gloo group of this process and the engine's weight-holding
-  process (``stages.rollout.weight_stream``). The group is formed (timed apart
-  as ``group_form_seconds``) once, before the timed syncs, and reused by all of them.
+* ``stream_per_tensor``: one broadcast per tensor over a gloo group of this process and the engine's
+  weight-holding process (``stages.rollout.weight_stream``, ``rollout.sync_bucket_mb: 0``);
+* ``stream``: the same group, consecutive tensors of one dtype sharing a broadcast of at most the default
+  ``rollout.sync_bucket_mb``. The group is formed (timed apart as ``group_form_seconds``) once, before the
+  timed syncs, and reused by all of them.
 
-Each repeat runs both paths (state_dict first). Per sync: wall seconds, and the peak RSS growth of the
+Each repeat runs the three paths (state_dict first). Per sync: wall seconds, and the peak RSS growth of the
 trainer (this process) and of the process holding the engine's weights (hf: the actor; vllm: its
 EngineCore child process): VmHWM after the sync minus VmRSS before it, with the high-water mark reset
 (``/proc/<pid>/clear_refs``) just before. After the last sync of each path the engine's log-probs are
@@ -36,10 +38,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from stages.ppo.config import SYNC_BUCKET_MB  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MODES = ("state_dict", "stream")
+# path -> (rollout.sync, rollout.sync_bucket_mb): the object store; one broadcast per tensor; the default buckets.
+MODES = {"state_dict": ("state_dict", 0), "stream_per_tensor": ("stream", 0), "stream": ("stream", SYNC_BUCKET_MB)}
 VLLM_KWARGS = {"max_model_len": 256, "seed": 0}
 
 
@@ -127,9 +131,11 @@ def timed_sync(trainer, group, mode: str, step: int, pids: dict[str, int]) -> di
         reset_peak(pid)
         before[role] = status_kib(pid)["VmRSS"]
     started = time.perf_counter()
-    [info] = push_full_weights(trainer, group, step=step, mode=mode)
+    sync, bucket_mb = MODES[mode]
+    [info] = push_full_weights(trainer, group, step=step, mode=sync, bucket_mb=bucket_mb)
     seconds = time.perf_counter() - started
-    record = {"method": info.method, "sync_seconds": round(seconds, 4), "engine_seconds": round(info.seconds, 4)}
+    record = {"method": info.method, "sync_seconds": round(seconds, 4), "engine_seconds": round(info.seconds, 4),
+              "broadcasts": info.details.get("broadcasts")}
     for role, pid in pids.items():
         after = status_kib(pid)
         record[f"{role}_peak_rss_mib"] = round(after["VmHWM"] / 1024, 1)
@@ -193,17 +199,18 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     for mode, records in runs.items():
         summary[mode] = {
             "method": records[-1]["method"],
+            "broadcasts": records[-1].get("broadcasts"),
             "sync_seconds_median": round(statistics.median(r["sync_seconds"] for r in records), 4),
             "trainer_peak_growth_mib_max": max(r["trainer_peak_growth_mib"] for r in records),
             "engine_peak_growth_mib_max": max(r["engine_peak_growth_mib"] for r in records),
             "trainer_peak_rss_mib_max": max(r["trainer_peak_rss_mib"] for r in records),
             "engine_peak_rss_mib_max": max(r["engine_peak_rss_mib"] for r in records),
         }
-    today, stream = summary["state_dict"], summary["stream"]
-    summary["ratio_state_dict_over_stream"] = {
-        key: round(today[key] / stream[key], 2) if stream[key] else None
-        for key in ("sync_seconds_median", "trainer_peak_growth_mib_max", "engine_peak_growth_mib_max")
-    }
+    for slower in ("state_dict", "stream_per_tensor"):
+        summary[f"ratio_{slower}_over_stream"] = {
+            key: round(summary[slower][key] / summary["stream"][key], 2) if summary["stream"][key] else None
+            for key in ("sync_seconds_median", "trainer_peak_growth_mib_max", "engine_peak_growth_mib_max")
+        }
     return summary
 
 

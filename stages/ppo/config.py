@@ -15,6 +15,14 @@ from stages.stage import StageKind
 from stages.tasks import TASKS
 
 
+# Buckets pay where tensors are small: each broadcast is a round trip, ~1 ms on CPU and several when the
+# engine shares the trainer's cores (the colocated GRPO loop's sync: 20 broadcasts 22 ms, 3 21 ms, 1 12 ms).
+# Copying a tensor into a bucket costs more than its own broadcast once buckets are large
+# (benchmarks/weight_sync.py, 95M model: 128 MiB buckets made the sync 1.5x slower than one broadcast per
+# tensor). 4 MiB: the tiny model goes in one broadcast; a 7B model's matrices go alone, its norms together.
+SYNC_BUCKET_MB = 4.0
+
+
 class RolloutConfig(ConfigModel):
     """Where and how a PPO stage samples: rollout-engine Ray actors (``stages.rollout``)."""
 
@@ -41,6 +49,11 @@ class RolloutConfig(ConfigModel):
         "auto", description="Full fine-tuning: auto = broadcast the weights to the engines' processes one tensor at a "
         "time (stages.rollout.weight_stream), a state_dict through the object store where that cannot run; stream = "
         "the broadcast or an error; state_dict; or a saved folder. LoRA always sends the adapter."
+    )
+    sync_bucket_mb: float = Field(
+        SYNC_BUCKET_MB, ge=0, description="Streamed sync: consecutive tensors of one dtype share a broadcast of at "
+        "most this size; a larger tensor goes alone, without a copy (0: one broadcast per tensor). Extra memory on "
+        "each end: one bucket or the largest parameter."
     )
     verify_sync: Literal["error", "warn", "off"] = Field(
         "error", description="After every sync each engine proves it serves the new weights: the version it "

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
+from stages.ppo.config import SYNC_BUCKET_MB
 from stages.ppo.distributed import any_rank, dist_info, from_rank0, gathered_state_dict
 from stages.ppo.policy import ActorCritic, causal_lm, is_peft
 
@@ -32,14 +33,15 @@ def save_policy(actor: ActorCritic, folder: Path, tokenizer=None) -> Path | None
     return folder if rank == 0 else None
 
 
-def sync_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: str = "auto") -> dict:
+def sync_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: str = "auto",
+                 bucket_mb: float = SYNC_BUCKET_MB) -> dict:
     """:func:`push_weights`, then every rank learns whether an engine died during it: all raise
     ``EngineRestarted`` then (the caller sends the weights again), so no rank waits in a collective alone."""
     from stages.rollout.base import EngineRestarted
 
     failure, result = None, {}
     try:
-        result = push_weights(actor, engines, work_dir, step, mode)
+        result = push_weights(actor, engines, work_dir, step, mode, bucket_mb)
     except EngineRestarted as exc:  # raised on rank 0, which talks to the engines
         failure = exc
     if any_rank(failure is not None, next(actor.parameters()).device):
@@ -47,7 +49,8 @@ def sync_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: s
     return result
 
 
-def push_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: str = "auto") -> dict:
+def push_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: str = "auto",
+                 bucket_mb: float = SYNC_BUCKET_MB) -> dict:
     """Push the current policy to every rollout engine; returns ``{"sync_seconds", "sync_method", ...}``.
 
     Collective (every rank calls it; rank 0 talks to the engines). ``engines`` is a
@@ -71,7 +74,7 @@ def push_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: s
                 if old != folder and int(old.name.split("-")[1]) < step - 1:
                     shutil.rmtree(old, ignore_errors=True)
     else:
-        infos = push_full_weights(actor, engines, step, mode)
+        infos = push_full_weights(actor, engines, step, mode, bucket_mb)
     result = {"sync_seconds": time.perf_counter() - started}
     if infos:
         result["sync_method"] = infos[0].method
@@ -79,11 +82,12 @@ def push_weights(actor: ActorCritic, engines, work_dir: Path, step: int, mode: s
     return result
 
 
-def push_full_weights(actor: ActorCritic, engines, step: int, mode: str = "auto") -> list:
+def push_full_weights(actor: ActorCritic, engines, step: int, mode: str = "auto",
+                      bucket_mb: float = SYNC_BUCKET_MB) -> list:
     """Full weights to every engine; rank 0 gets the engines' ``SyncInfo`` list, the other ranks ``[]``.
 
     ``mode`` auto / stream: broadcast over a process group of the trainer and the engines' worker
-    processes (``stages.rollout.weight_stream``), one parameter at a time. ``auto`` falls back to a gathered
+    processes (``stages.rollout.weight_stream``), in buckets of at most ``bucket_mb`` MiB. ``auto`` falls back to a gathered
     state_dict through the object store (``mode`` state_dict) when no group can be formed (an engine without
     support, in-process engines, a timeout) or the stream fails; ``stream`` raises instead. Collective:
     rank 0's choice is broadcast before each path, so every rank runs the same ZeRO-3 gathers.
@@ -96,7 +100,7 @@ def push_full_weights(actor: ActorCritic, engines, step: int, mode: str = "auto"
         if rank == 0:
             why = _stream_unavailable(engines, "nccl" if device.type == "cuda" else "gloo")
         if _rank0_decides(why is None, device):
-            infos, why = _stream_full_weights(module, engines, step)
+            infos, why = _stream_full_weights(module, engines, step, int(bucket_mb * 2**20))
             if _rank0_decides(why is None, device):
                 return infos
         if mode == "stream":
@@ -124,7 +128,7 @@ def _stream_unavailable(engines, backend: str) -> str | None:
     return prepare(backend=backend)
 
 
-def _stream_full_weights(module: torch.nn.Module, engines, step: int) -> tuple[list, str | None]:
+def _stream_full_weights(module: torch.nn.Module, engines, step: int, bucket_bytes: int) -> tuple[list, str | None]:
     """Every rank gathers each parameter in turn; rank 0 broadcasts it. Returns (infos, None), or
     (None, why) when rank 0's stream failed; the gathers then still run to the end on every rank."""
     from stages.rollout.weight_stream import drain
@@ -135,7 +139,7 @@ def _stream_full_weights(module: torch.nn.Module, engines, step: int) -> tuple[l
         drain(tensors)
         return [], None
     try:
-        infos, why = engines.stream_weights(_stream_metas(module), tensors, version=step), None
+        infos, why = engines.stream_weights(_stream_metas(module), tensors, bucket_bytes, version=step), None
     except Exception as exc:  # noqa: BLE001 - a broken group or engine: the state_dict path takes over
         infos, why = None, f"stream failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     drain(tensors)  # after a failure: the gathers the other ranks are still running

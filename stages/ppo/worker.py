@@ -276,7 +276,8 @@ def sync(run: PPORun, step: int) -> dict:
     engines = run.all_engines if run.rank == 0 else None
     for attempt in range(2):
         try:
-            synced = sync_weights(run.actor, engines, run.work_dir, step, run.config.rollout.sync)
+            synced = sync_weights(run.actor, engines, run.work_dir, step, run.config.rollout.sync,
+                                  run.config.rollout.sync_bucket_mb)
             verified, seconds = timed(verify_sync, run, step)
             return {**synced, **verified, "verify_seconds": seconds}
         except EngineRestarted as exc:  # raised on every rank together (see sync_weights, verify_sync)
@@ -304,12 +305,14 @@ def verify_sync(run: PPORun, step: int) -> dict:
 
         prompt = conversation_ids(run.tokenizer, run.plan.rows[0]["prompt"], add_generation_prompt=True)
         run.probe = verify.Probe.build(run.tokenizer, prompt)
+    # The engines score the probe while this process computes its own log-probs of it.
+    pending = run.all_engines.start_serving(run.probe.prompt_ids, run.probe.response_ids) if run.rank == 0 else None
     expected = verify.trainer_logprobs(run.actor, run.probe, run.tokenizer.pad_token_id)
     verdict, restarted = None, None
     if run.rank == 0:
         tolerance = rollout_config.verify_tolerance or verify.default_tolerance(run.job.precision)
         try:
-            reports = run.all_engines.serving(run.probe.prompt_ids, run.probe.response_ids)
+            reports = pending()
             verdict = verify.judge(reports, expected, step, tolerance, run.adapters, lora=is_peft(run.actor.policy))
             run.adapters = verdict.adapters
         except EngineRestarted as exc:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ray
 
 from stages.rollout.base import (
     EngineRestarted,
     Rollout,
+    RolloutEngine,
     SamplingParams,
     SyncInfo,
     create_engine,
@@ -64,6 +65,7 @@ class RolloutWorker:
             "node": ray.get_runtime_context().get_node_id(),
             "ld_preload": os.environ.get("LD_PRELOAD", ""),
             "python": sys.executable,
+            "sleeps": type(self.engine).sleep is not RolloutEngine.sleep,  # False: sleep and wake are no-ops
         }
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], params: SamplingParams) -> list[Rollout]:
@@ -89,8 +91,8 @@ class RolloutWorker:
                           timeout_s: float) -> int:
         return self.engine.join_weight_group(host, port, first_rank, world, backend, timeout_s)
 
-    def receive_weights(self, metas: list, version: int | None = None) -> SyncInfo:
-        info = self.engine.receive_weights(metas)
+    def receive_weights(self, metas: list, bucket_bytes: int, version: int | None = None) -> SyncInfo:
+        info = self.engine.receive_weights(metas, bucket_bytes)
         if version is not None:
             self.weights_version = version
         return info
@@ -212,6 +214,7 @@ class RolloutGroup:
             raise ValueError("RolloutGroup needs at least one worker")
         self.workers = list(workers)
         self.restart_timeout_s = restart_timeout_s
+        self._sleeps: bool | None = None  # whether any engine's sleep does something (asked once)
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -276,7 +279,7 @@ class RolloutGroup:
         return WeightLink(pids=pids, group=group, timeout_s=timeout_s)
 
     def stream_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]], tensors: Iterable[Any],
-                       version: int | None = None) -> list[SyncInfo]:
+                       bucket_bytes: int, version: int | None = None) -> list[SyncInfo]:
         """Broadcast ``tensors`` (in ``metas`` order) to every engine over the group of
         :meth:`prepare_weight_stream`; each engine loads them as they arrive. A failure drops the group
         (the next sync forms a new one) and is raised; ``tensors`` may then be partly consumed."""
@@ -285,13 +288,16 @@ class RolloutGroup:
         link = self._weight_link
         if link is None:
             raise RuntimeError("stream_weights before a successful prepare_weight_stream")
-        refs = [w.receive_weights.remote(list(metas), version) for w in self.workers]
+        refs = [w.receive_weights.remote(list(metas), bucket_bytes, version) for w in self.workers]
         try:
-            send_tensors(link.group, tensors)
-            return ray.get(refs, timeout=link.timeout_s)
+            broadcasts, nbytes = send_tensors(link.group, metas, tensors, bucket_bytes)
+            infos = ray.get(refs, timeout=link.timeout_s)
         except Exception:
             self.close_weight_stream()
             raise
+        for info in infos:
+            info.details.update(broadcasts=broadcasts, bytes=nbytes)
+        return infos
 
     def close_weight_stream(self) -> None:
         if self._weight_link is not None:
@@ -300,8 +306,13 @@ class RolloutGroup:
 
     def serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[dict]:
         """Every engine's weights version, adapter and log-probs of one fixed probe (not split)."""
-        return self._gather([w.serving.remote(list(prompt_ids), list(response_ids)) for w in self.workers],
-                            "serving")
+        return self.start_serving(prompt_ids, response_ids)()
+
+    def start_serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Callable[[], list[dict]]:
+        """:meth:`serving` begun now; the returned call waits for the reports (the trainer computes its own
+        probe meanwhile)."""
+        refs = [w.serving.remote(list(prompt_ids), list(response_ids)) for w in self.workers]
+        return lambda: self._gather(refs, "serving")
 
     def _gather(self, refs: list, call: str) -> list:
         """``ray.get`` the engines' results; an engine actor that died is waited for (Ray restarts it on
@@ -347,10 +358,18 @@ class RolloutGroup:
             f"(rollout.max_restarts may be used up): {type(exc).__name__}: {exc}")
 
     def sleep(self) -> None:
-        ray.get([w.sleep.remote() for w in self.workers])
+        if self._can_sleep():
+            ray.get([w.sleep.remote() for w in self.workers])
 
     def wake(self) -> None:
-        ray.get([w.wake.remote() for w in self.workers])
+        if self._can_sleep():
+            ray.get([w.wake.remote() for w in self.workers])
+
+    def _can_sleep(self) -> bool:
+        """Skips two Ray round trips per iteration where sleep is a no-op (hf engines on CPU: colocate)."""
+        if self._sleeps is None:
+            self._sleeps = any(i.get("sleeps", True) for i in self.info())
+        return self._sleeps
 
     def shutdown(self) -> None:
         """Close every engine and kill the actors."""

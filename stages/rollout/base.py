@@ -233,8 +233,9 @@ class RolloutEngine(ABC):
         """Join the trainer's group as ranks ``first_rank ..``; blocks until it is formed; returns the ranks taken."""
         raise NotImplementedError(f"the {self.name!r} engine cannot receive streamed weights")
 
-    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]]) -> SyncInfo:
-        """Take the broadcasts described by ``metas`` (name, dtype, shape, in send order) as the new full weights."""
+    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]], bucket_bytes: int) -> SyncInfo:
+        """Take the broadcasts described by ``metas`` (name, dtype, shape, in send order; bucketed as
+        ``weight_stream.bucket_plan(metas, bucket_bytes)``) as the new full weights."""
         raise NotImplementedError(f"the {self.name!r} engine cannot receive streamed weights")
 
     def sleep(self) -> None:  # noqa: B027 - optional

@@ -239,7 +239,7 @@ class HFEngine(RolloutEngine):
         self.weight_group = join_weight_group(host, port, first_rank, world, backend, timeout_s)
         return 1
 
-    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]]) -> SyncInfo:
+    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]], bucket_bytes: int) -> SyncInfo:
         """Copy each broadcast into the live model as it arrives (tied weights share one tensor here)."""
         from stages.rollout.weight_stream import receive_tensors
 
@@ -250,7 +250,7 @@ class HFEngine(RolloutEngine):
         own = self.model.state_dict()
         unknown = []
         with torch.no_grad():
-            for name, tensor in receive_tensors(self.weight_group, metas):  # to the end: each broadcast is collective
+            for name, tensor in receive_tensors(self.weight_group, metas, bucket_bytes):  # to the end: each broadcast is collective
                 if name in own:
                     own[name].copy_(tensor)
                 else:

@@ -6,7 +6,7 @@ is handed engine objects instead of actor handles; :func:`engine_group` wraps ei
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from stages.rollout.base import Rollout, RolloutEngine, SamplingParams, SyncInfo, serving_report, split_ranges
 
@@ -42,6 +42,9 @@ class LocalEngines:
 
     def serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[dict]:
         return [serving_report(e, v, prompt_ids, response_ids) for e, v in zip(self.workers, self.versions)]
+
+    def start_serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Callable[[], list[dict]]:
+        return lambda: self.serving(prompt_ids, response_ids)  # in this thread: nothing to overlap
 
     def prepare_weight_stream(self, backend: str = "gloo", timeout_s: float = 120.0) -> str | None:
         """Always why not: a broadcast needs the receiving engine running in parallel with the trainer, and

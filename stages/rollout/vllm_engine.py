@@ -172,7 +172,7 @@ class WeightSyncExtension:
             old.close()
         self._rollout_weight_group = None
 
-    def rollout_receive_weights(self, metas: list) -> int:
+    def rollout_receive_weights(self, metas: list, bucket_bytes: int) -> int:
         """Load the broadcasts described by ``metas`` while they arrive; returns the tensors fed to vLLM."""
         from stages.rollout.weight_stream import drain, receive_tensors, with_alias_after
 
@@ -180,7 +180,7 @@ class WeightSyncExtension:
         if group is None:
             raise RuntimeError("rollout_receive_weights before rollout_join_weight_group")
         tied_source = _tied_head_source([m[0] for m in metas], self.model_runner.model)
-        weights = with_alias_after(receive_tensors(group, metas), tied_source, "lm_head.weight")
+        weights = with_alias_after(receive_tensors(group, metas, bucket_bytes), tied_source, "lm_head.weight")
         try:
             self._rollout_load(weights)
         finally:
@@ -425,9 +425,9 @@ class VLLMEngine(RolloutEngine):
         self.weight_stream_backend = backend
         return len(ranks)
 
-    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]]) -> SyncInfo:
+    def receive_weights(self, metas: Sequence[tuple[str, str, tuple[int, ...]]], bucket_bytes: int) -> SyncInfo:
         started = time.perf_counter()
-        counts = self.llm.collective_rpc("rollout_receive_weights", args=([tuple(m) for m in metas],))
+        counts = self.llm.collective_rpc("rollout_receive_weights", args=([tuple(m) for m in metas], bucket_bytes))
         self._drop_lora()  # full weights define the policy now
         self.llm.reset_prefix_cache()
         return SyncInfo(method=f"vllm_weight_stream_{self.weight_stream_backend}",

@@ -1,11 +1,13 @@
-"""Full weights from trainer rank 0 to the rollout engines' worker processes by broadcast, one tensor at a time.
+"""Full weights from trainer rank 0 to the rollout engines' worker processes by broadcast, bucket by bucket.
 
 The object-store path (``RolloutGroup.update_weights(state_dict)``) materialises the whole state_dict on
 the trainer, again in the object store, again in each engine actor and again as a safetensors blob for
 vLLM's worker. Here the trainer and every process that holds engine weights (each vLLM tensor-parallel
 worker, or the ``hf`` engine's actor) form a process group of their own and the trainer broadcasts the
-parameters in a fixed order; the metadata ``(name, dtype, shape)`` travels first, by Ray. A receiver
-turns the broadcasts into a ``(name, tensor)`` iterator, so extra memory is about one parameter.
+parameters in a fixed order; the metadata ``(name, dtype, shape)`` travels first, by Ray. Consecutive small
+tensors share one broadcast (a bucket of ``rollout.sync_bucket_mb``): each broadcast is a round trip, which
+cost ~1 ms per tensor on CPU (gloo) and dominated the sync of small models; larger tensors go alone. A receiver turns the broadcasts
+into a ``(name, tensor)`` iterator, so extra memory is one bucket or one parameter, whichever is larger.
 
 The group never touches ``torch.distributed``'s default group (the trainer has DeepSpeed's, vLLM its
 own): a ``TCPStore`` whose master is the trainer (port 0: the OS picks a free port, no race), a
@@ -18,9 +20,10 @@ Pure torch: the trainer side runs where vLLM is not installed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -119,26 +122,71 @@ def _check_membership(group: WeightGroup) -> None:
         raise RuntimeError(f"weight-stream group: rank 0 says world {int(probe.item())}, this member {group.world}")
 
 
-def send_tensors(group: WeightGroup, tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
-    """Broadcast each tensor in order (the order of the metadata); returns (count, bytes)."""
+def bucket_plan(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+    """The broadcasts that carry ``metas``: runs of consecutive tensors of one dtype, each run at most
+    ``bucket_bytes``. A tensor of half a bucket or more travels by itself, without a copy: copying it would
+    save at most one broadcast (on a 95M model, copying its 2.25 MiB matrices into 4 MiB buckets made the
+    sync 1.15x slower). Sender and receivers compute it from the same metadata. ``bucket_bytes`` 0: one
+    broadcast per tensor."""
+    plan: list[list[int]] = []
+    run_bytes, run_dtype, run_open = 0, None, False
+    for index, (_, dtype, shape) in enumerate(metas):
+        size = math.prod(shape) * dtype_from_name(dtype).itemsize
+        small = 2 * size < bucket_bytes
+        if run_open and small and dtype == run_dtype and run_bytes + size <= bucket_bytes:
+            plan[-1].append(index)
+            run_bytes += size
+        else:
+            plan.append([index])
+            run_bytes, run_dtype, run_open = size, dtype, small
+    return plan
+
+
+def send_tensors(group: WeightGroup, metas: Sequence[TensorMeta], tensors: Iterable[torch.Tensor],
+                 bucket_bytes: int) -> tuple[int, int]:
+    """Broadcast ``tensors`` (in ``metas`` order) in the buckets of :func:`bucket_plan`; returns (broadcasts,
+    bytes). A bucket is filled as its tensors arrive (under ZeRO-3 each is gathered only while it is copied),
+    so the extra memory is one bucket or one parameter, whichever is larger."""
+    stream = iter(tensors)
     count = nbytes = 0
-    for tensor in tensors:
-        tensor = tensor.detach()
-        if tensor.device != group.device:  # e.g. GPU trainer, gloo group: one parameter's host copy
-            tensor = tensor.to(group.device)
-        group.broadcast(tensor.contiguous())
+    for bucket in bucket_plan(metas, bucket_bytes):
+        if len(bucket) == 1:
+            flat = _on(group, next(stream)).contiguous().reshape(-1)
+        else:
+            flat = torch.empty(sum(math.prod(metas[i][2]) for i in bucket), dtype=dtype_from_name(metas[bucket[0]][1]),
+                               device=group.device)
+            offset = 0
+            for _ in bucket:
+                tensor = next(stream).detach()
+                flat[offset:offset + tensor.numel()].copy_(tensor.reshape(-1))
+                offset += tensor.numel()
+        group.broadcast(flat)
         count += 1
-        nbytes += tensor.numel() * tensor.element_size()
+        nbytes += flat.numel() * flat.element_size()
     return count, nbytes
 
 
-def receive_tensors(group: WeightGroup, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` as each broadcast arrives. Consume it to the end (see :func:`drain`): every
-    member must take part in every broadcast, or the sender and the others wait until the timeout."""
-    for name, dtype, shape in metas:
-        buffer = torch.empty(tuple(shape), dtype=dtype_from_name(dtype), device=group.device)
+def _on(group: WeightGroup, tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    # e.g. GPU trainer, gloo group: one parameter's host copy
+    return tensor if tensor.device == group.device else tensor.to(group.device)
+
+
+def receive_tensors(group: WeightGroup, metas: Sequence[TensorMeta], bucket_bytes: int
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` as each broadcast arrives (tensors of one bucket are views of its buffer: copy them
+    before the next). Consume it to the end (see :func:`drain`): every member must take part in every
+    broadcast, or the sender and the others wait until the timeout."""
+    for bucket in bucket_plan(metas, bucket_bytes):
+        shapes = [tuple(metas[i][2]) for i in bucket]
+        buffer = torch.empty(sum(math.prod(s) for s in shapes), dtype=dtype_from_name(metas[bucket[0]][1]),
+                             device=group.device)
         group.broadcast(buffer)
-        yield name, buffer
+        offset = 0
+        for index, shape in zip(bucket, shapes):
+            size = math.prod(shape)
+            yield metas[index][0], buffer[offset:offset + size].view(shape)
+            offset += size
 
 
 def drain(stream: Iterator[Any]) -> int:

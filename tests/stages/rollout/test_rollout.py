@@ -452,6 +452,10 @@ def test_engines_in_ray_actors(ray_local, base_dir, trained_dir, prompts, fixed_
     try:
         assert [i["engine"] for i in group.info()] == ["hf", "hf"]
         assert len({i["pid"] for i in group.info()}) == 2
+        assert not any(i["sleeps"] for i in group.info())  # hf: sleep and wake are no-ops ...
+        group.sleep()
+        group.wake()
+        assert group._sleeps is False  # ... so the group asked once and sends no calls for them
         got = group.generate(prompts, greedy)  # 5 prompts over 2 engines: 3 + 2, back in order
         assert [r.prompt_ids for r in got] == [r.prompt_ids for r in expected]
         assert [r.response_ids for r in got] == [r.response_ids for r in expected]
@@ -484,6 +488,7 @@ def test_vllm_in_ray_actor_in_a_mixed_group(ray_local, base_dir, prompts, adapte
     try:
         info = group.info()
         assert [i["engine"] for i in info] == ["hf", "vllm"]
+        assert [i["sleeps"] for i in info] == [False, True]  # the group sleeps: vLLM frees its KV cache
         if (Path(sys.prefix) / "lib" / "libiomp5.so").exists():
             assert info[1]["ld_preload"].endswith("libiomp5.so")
         got = group.generate(prompts, greedy)

@@ -229,3 +229,65 @@ def _push(model, group, step: int) -> list:
     from stages.ppo.sync import push_full_weights
 
     return push_full_weights(_trainer(model), group, step=step, mode="stream")
+
+
+# --- buckets -----------------------------------------------------------------------------------
+
+
+def test_bucket_plan_groups_consecutive_tensors_of_one_dtype():
+    from stages.rollout.weight_stream import bucket_plan, tensor_meta
+
+    import torch
+
+    metas = [tensor_meta("a", torch.float32, (4,)), tensor_meta("b", torch.float32, (2, 2)),  # 16 + 16 bytes
+             tensor_meta("c", torch.float32, (8,)),  # 32: half a bucket or more goes alone (no copy)
+             tensor_meta("d", torch.bfloat16, (4,)),  # another dtype: a new bucket
+             tensor_meta("e", torch.bfloat16, (100,)),  # alone larger than a bucket
+             tensor_meta("f", torch.bfloat16, ())]
+    assert bucket_plan(metas, 48) == [[0, 1], [2], [3], [4], [5]]
+    assert bucket_plan(metas, 0) == [[i] for i in range(len(metas))]  # 0: one broadcast per tensor
+    assert bucket_plan(metas, 1 << 20) == [[0, 1, 2], [3, 4, 5]]
+    quarter = [tensor_meta(str(i), torch.float32, (4,)) for i in range(4)]  # 16 bytes each
+    assert bucket_plan(quarter, 40) == [[0, 1], [2, 3]]  # a third would make 48 > 40
+
+
+def test_bucketed_stream_round_trip_over_gloo():
+    """Sender and receiver in two threads of this process (a gloo group of 2): what arrives equals what was
+    sent, name by name, for several bucket sizes; the broadcast count is the plan's."""
+    import threading
+
+    import torch
+
+    from stages.rollout.weight_stream import (bucket_plan, join_weight_group, open_master_store, receive_tensors,
+                                              send_tensors, tensor_meta)
+
+    generator = torch.Generator().manual_seed(0)
+    sent = {"embed": torch.randn(50, 8, generator=generator), "norm": torch.randn(8, generator=generator),
+            "scale": torch.tensor(3.0), "half": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
+            "head": torch.randn(8, 50, generator=generator).t()}  # not contiguous
+    metas = [tensor_meta(n, t.dtype, t.shape) for n, t in sent.items()]
+    for bucket_bytes in (0, 256, 4096, 1 << 20):
+        store = open_master_store("127.0.0.1", 2, 30)
+        received, errors = {}, []
+
+        def receive():
+            try:
+                group = join_weight_group("127.0.0.1", store.port, 1, 2, "gloo", 30)
+                received.update((n, t.clone()) for n, t in receive_tensors(group, metas, bucket_bytes))
+                group.close()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        group = join_weight_group("127.0.0.1", store.port, 0, 2, "gloo", 30, store=store)
+        broadcasts, nbytes = send_tensors(group, metas, iter(sent.values()), bucket_bytes)
+        thread.join(30)
+        group.close()
+        assert not errors, errors
+        assert broadcasts == len(bucket_plan(metas, bucket_bytes))
+        assert nbytes == sum(t.numel() * t.element_size() for t in sent.values())
+        assert list(received) == list(sent)
+        for name, tensor in sent.items():
+            assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), (bucket_bytes, name)
+    assert bucket_plan(metas, 1 << 20) == [[0, 1, 2], [3], [4]]  # a dtype change starts a bucket
