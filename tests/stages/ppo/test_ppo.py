@@ -534,3 +534,20 @@ def test_a_killed_engine_is_restarted_and_the_stage_completes(ray_cluster, addit
     assert [p["step"] for p in artifact.manifest["curves"]["reward_mean"]] == list(range(1, iterations + 1))
     # every sync after the restart was verified against the trainer (fp32 tolerance 1e-4)
     assert max(curve(artifact, "sync_probe_diff")) < 1e-4
+
+
+def test_colocated_cpu_engine_streams_and_verifies_every_sync(ray_cluster, addition_sft, tiny_base, tmp_path):
+    """``rollout.colocate`` on CPU: the hf engine shares the worker's cores (no CPUs of its own; its sleep is a
+    no-op, so no sleep/wake calls), the full weights go by the bucketed stream, and every sync is verified with
+    the engines' probe scored after the trainer's own (stages.ppo.worker.verify_sync)."""
+    from pipeline.runner import run_pipeline
+
+    iterations = 3
+    stage = ppo_stage(peft={"method": "full"}, algorithm={"advantage": "grpo"},
+                      rollout={"n": 2, "prompts_per_step": 8, "colocate": True},
+                      train={"max_steps": iterations, "lr": 1e-4, "batch_size": 16})
+    raw = spec_raw(tmp_path, {"ppo": stage})
+    artifact = run_pipeline(parse_spec(raw), only=["ppo"], inputs={"base": str(tiny_base), "sft": str(addition_sft)})["ppo"]
+    assert artifact.manifest["sync_method"] == "hf_weight_stream_gloo"
+    assert [p["step"] for p in artifact.manifest["curves"]["sync_probe_diff"]] == list(range(1, iterations + 1))
+    assert max(curve(artifact, "sync_probe_diff")) < 1e-4  # fp32: the engine serves the trainer's weights
