@@ -87,10 +87,11 @@ def push_full_weights(actor: ActorCritic, engines, step: int, mode: str = "auto"
     """Full weights to every engine; rank 0 gets the engines' ``SyncInfo`` list, the other ranks ``[]``.
 
     ``mode`` auto / stream: broadcast over a process group of the trainer and the engines' worker
-    processes (``stages.rollout.weight_stream``), in buckets of at most ``bucket_mb`` MiB. ``auto`` falls back to a gathered
-    state_dict through the object store (``mode`` state_dict) when no group can be formed (an engine without
-    support, in-process engines, a timeout) or the stream fails; ``stream`` raises instead. Collective:
-    rank 0's choice is broadcast before each path, so every rank runs the same ZeRO-3 gathers.
+    processes (``stages.rollout.weight_stream``), in buckets of at most ``bucket_mb`` MiB. ``auto`` falls
+    back to a gathered state_dict through the object store (``mode`` state_dict) when no group can be formed
+    (an engine without support, in-process engines, a timeout) or the stream fails; ``stream`` raises
+    instead. Collective: rank 0's choice is broadcast before each path, so every rank runs the same ZeRO-3
+    gathers.
     """
     rank, _ = dist_info()
     module = causal_lm(actor.policy)

@@ -250,7 +250,8 @@ class HFEngine(RolloutEngine):
         own = self.model.state_dict()
         unknown = []
         with torch.no_grad():
-            for name, tensor in receive_tensors(self.weight_group, metas, bucket_bytes):  # to the end: each broadcast is collective
+            # To the end: each broadcast is collective.
+            for name, tensor in receive_tensors(self.weight_group, metas, bucket_bytes):
                 if name in own:
                     own[name].copy_(tensor)
                 else:

@@ -6,8 +6,9 @@ vLLM's worker. Here the trainer and every process that holds engine weights (eac
 worker, or the ``hf`` engine's actor) form a process group of their own and the trainer broadcasts the
 parameters in a fixed order; the metadata ``(name, dtype, shape)`` travels first, by Ray. Consecutive small
 tensors share one broadcast (a bucket of ``rollout.sync_bucket_mb``): each broadcast is a round trip, which
-cost ~1 ms per tensor on CPU (gloo) and dominated the sync of small models; larger tensors go alone. A receiver turns the broadcasts
-into a ``(name, tensor)`` iterator, so extra memory is one bucket or one parameter, whichever is larger.
+cost ~1 ms per tensor on CPU (gloo) and dominated the sync of small models; larger tensors go alone. A
+receiver turns the broadcasts into a ``(name, tensor)`` iterator, so extra memory is one bucket or one
+parameter, whichever is larger.
 
 The group never touches ``torch.distributed``'s default group (the trainer has DeepSpeed's, vLLM its
 own): a ``TCPStore`` whose master is the trainer (port 0: the OS picks a free port, no race), a
@@ -174,8 +175,8 @@ def _on(group: WeightGroup, tensor: torch.Tensor) -> torch.Tensor:
 
 def receive_tensors(group: WeightGroup, metas: Sequence[TensorMeta], bucket_bytes: int
                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` as each broadcast arrives (tensors of one bucket are views of its buffer: copy them
-    before the next). Consume it to the end (see :func:`drain`): every member must take part in every
+    """``(name, tensor)`` as each broadcast arrives (tensors of one bucket are views of its buffer, a new buffer
+    per broadcast). Consume it to the end (see :func:`drain`): every member must take part in every
     broadcast, or the sender and the others wait until the timeout."""
     for bucket in bucket_plan(metas, bucket_bytes):
         shapes = [tuple(metas[i][2]) for i in bucket]

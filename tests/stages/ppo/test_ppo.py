@@ -546,8 +546,8 @@ def test_colocated_cpu_engine_streams_and_verifies_every_sync(ray_cluster, addit
     stage = ppo_stage(peft={"method": "full"}, algorithm={"advantage": "grpo"},
                       rollout={"n": 2, "prompts_per_step": 8, "colocate": True},
                       train={"max_steps": iterations, "lr": 1e-4, "batch_size": 16})
-    raw = spec_raw(tmp_path, {"ppo": stage})
-    artifact = run_pipeline(parse_spec(raw), only=["ppo"], inputs={"base": str(tiny_base), "sft": str(addition_sft)})["ppo"]
+    inputs = {"base": str(tiny_base), "sft": str(addition_sft)}
+    artifact = run_pipeline(parse_spec(spec_raw(tmp_path, {"ppo": stage})), only=["ppo"], inputs=inputs)["ppo"]
     assert artifact.manifest["sync_method"] == "hf_weight_stream_gloo"
     assert [p["step"] for p in artifact.manifest["curves"]["sync_probe_diff"]] == list(range(1, iterations + 1))
     assert max(curve(artifact, "sync_probe_diff")) < 1e-4  # fp32: the engine serves the trainer's weights
