@@ -114,13 +114,19 @@ def engines_part(model: str, args) -> dict:
     return out
 
 
-# Where the rollouts run (rollout and scaling settings of the stage), each on the same 2 cores.
+# Where the rollouts run: (what it is, the stage's rollout settings, the worker's CPUs, other stage settings),
+# each on the same 2 cores.
 LAYOUTS = {
     "trainer": ("the engine in the training worker's process (rollout.engine: trainer), 1 worker x 2 CPUs",
-                {"engine": "trainer"}, 2),
+                {"engine": "trainer"}, 2, {}),
     "actor_colocated": ("an hf engine actor sharing the worker's 2 CPUs (rollout.colocate), 1 worker x 2 CPUs",
-                        {"engine": "hf", "colocate": True}, 2),
-    "actor_separate": ("an hf engine actor on 1 CPU of its own, 1 worker x 1 CPU", {"engine": "hf"}, 1),
+                        {"engine": "hf", "colocate": True}, 2, {}),
+    "actor_separate": ("an hf engine actor on 1 CPU of its own, 1 worker x 1 CPU", {"engine": "hf"}, 1, {}),
+    "actor_ahead": ("the same, generating one step ahead (rollout.off_policy_steps: 1, algorithm.tis_cap: 2)",
+                    {"engine": "hf", "off_policy_steps": 1}, 1, {}),
+    "actor_ahead_reference": ("the same, and the KL reference scoring in the engine's actor "
+                              "(reference_placement: engine)",
+                              {"engine": "hf", "off_policy_steps": 1}, 1, {"reference_placement": "engine"}),
 }
 
 
@@ -134,7 +140,9 @@ def grpo_stage(args, rollout: dict) -> dict:
     """The GRPO stage every rayalign layout runs (``rollout``: where its rollouts come from)."""
     return {"kind": "ppo", "from": "sft", "prompts": "builtin:addition", "reward_fn": "addition",
             "peft": {"method": "full"},
-            "algorithm": {"advantage": "grpo", "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3"},
+            "algorithm": {"advantage": "grpo", "kl_coef": args.beta, "kl_in": "loss", "kl_estimator": "k3",
+                          # samples one update old get truncated importance weights (stages.rl.truncated_is_weights)
+                          **({"tis_cap": 2.0} if rollout.get("off_policy_steps") else {})},
             "rollout": {"n": args.n, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
                         "temperature": 1.0, **rollout},
             "train": {"max_steps": args.iterations, "lr": 1e-5, "batch_size": args.prompts * args.n,
@@ -172,8 +180,9 @@ def grpo_rayalign(model: str, storage: Path, args, layout: str) -> dict:
     from pipeline.runner import run_pipeline
     from pipeline.spec import parse_spec
 
-    stage = {**grpo_stage(args, LAYOUTS[layout][1]), "eval_limit": 1,
-             "scaling": {"num_workers": 1, "cpus_per_worker": LAYOUTS[layout][2]}}
+    _, rollout, cpus, settings = LAYOUTS[layout]
+    stage = {**grpo_stage(args, rollout), "eval_limit": 1, "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
+             **settings}
     raw = {"name": f"bench-{int(time.time())}", "storage": str(storage), "tracking": {"backend": "none"},
            "ray": {"num_cpus": 4}, "stages": {"sft": {"data": "builtin:addition"}, "grpo": stage}}
     started = time.perf_counter()
@@ -194,6 +203,8 @@ def grpo_rayalign(model: str, storage: Path, args, layout: str) -> dict:
         "stage_wall_seconds": round(wall, 1),
         "rollout_tokens_per_s_median": round(statistics.median(p["value"] for p in curves["rollout_tokens_per_s"]), 1),
         "phase_seconds_median": phases,
+        # how long generation took; more than the rollout phase (the wait) when it ran during the update
+        "generate_seconds_median": round(statistics.median(p["value"] for p in steady_part(curves["generate_seconds"])), 4),
         "phase_share_of_iteration": {k: round(v / steady, 3) for k, v in phases.items()},
     }
 

@@ -67,7 +67,23 @@ class RolloutConfig(ConfigModel):
         1, ge=0, description="Ray restarts of a dead engine actor; the failed call is retried once after the "
         "current weights were sent to it."
     )
+    off_policy_steps: int = Field(
+        0, ge=0, le=1, description="1: the engines generate the next iteration's samples while the trainer trains "
+        "on this one's, so each iteration trains on samples of the policy one update old (one-step off-policy, "
+        "as verl and OpenRLHF's async modes); the iteration takes max(generate, train) instead of their sum. "
+        "Needs engines of their own (not engine trainer, not colocate). See algorithm.tis_cap."
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")
+
+    @model_validator(mode="after")
+    def _overlap_needs_engines_of_their_own(self) -> RolloutConfig:
+        if self.off_policy_steps and self.engine == "trainer":
+            raise ValueError("off_policy_steps: 1 generates while the trainer trains, which engine trainer "
+                             "(HF generate in the training process) cannot: use engine hf or vllm")
+        if self.off_policy_steps and self.colocate:
+            raise ValueError("off_policy_steps: 1 generates while the trainer trains, and colocated engines "
+                             "sleep during training: set colocate: false (engines on devices of their own)")
+        return self
 
     @model_validator(mode="after")
     def _placeable_tensor_parallelism(self) -> RolloutConfig:
@@ -106,6 +122,12 @@ class AlgorithmConfig(ConfigModel):
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     unfinished_penalty: float | None = Field(None, description="Subtract from the score of responses cut off.")
     reward_clip: float | None = Field(None, gt=0.0, description="Clip sequence scores to [-c, c].")
+    tis_cap: float | None = Field(
+        None, gt=0.0, description="Truncated importance sampling: weight each token's advantage by "
+        "min(pi_old / pi_engine, tis_cap), for samples drawn by another policy than the trainer's (one update "
+        "old: rollout.off_policy_steps; or engine numerics). Needs rollout.temperature 1 (engines report raw "
+        "log-probs). 2 is the usual cap."
+    )
 
     @field_validator("advantage")
     @classmethod
@@ -166,6 +188,12 @@ class PPOConfig(TrainingStageConfig):
     reward_placement: Literal["actor", "worker"] = Field(
         "actor", description="Reward model in a Ray actor scoring batches, or loaded in every training worker."
     )
+    reference_placement: Literal["worker", "engine"] = Field(
+        "worker", description="Where the KL reference scores the samples: in every training worker (a frozen copy "
+        "for full fine-tuning, the adapter-disabled policy for LoRA), or in each rollout engine's actor (a frozen "
+        "hf copy of the starting model on the engine's device, scoring each batch as it is generated: the trainer "
+        "skips that forward and, for full fine-tuning, holds no copy)."
+    )
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     critic: CriticConfig | None = Field(None, description="gae only; critic-free estimators reject it.")
@@ -204,6 +232,13 @@ class PPOConfig(TrainingStageConfig):
         if self.rollout.engine == "trainer" and self.deepspeed.zero_stage == 3:
             raise ValueError("rollout.engine trainer generates with each worker's own replica of the policy, which "
                              "ZeRO-3 shards over the workers: use deepspeed.zero_stage 2 (or none), or engine hf/vllm")
+        if self.reference_placement == "engine" and self.rollout.engine == "trainer":
+            raise ValueError("reference_placement: engine puts the reference in the rollout engines' actors, and "
+                             "engine trainer has none: use reference_placement: worker or engine hf/vllm")
+        if algo.tis_cap is not None and self.rollout.temperature != 1.0:
+            raise ValueError(f"algorithm.tis_cap compares the trainer's log-probs with the engine's, which engines "
+                             f"report at temperature 1; rollout.temperature is {self.rollout.temperature}: set it to "
+                             f"1.0 or remove tis_cap")
         check_support(self)  # the peft method against PPO, its ZeRO stage and rollout engine: one table for all kinds
         return self
 

@@ -93,9 +93,11 @@ class Experience:
 
 
 @torch.no_grad()
-def forward_old(actor, critic: Critic, ref_model, batch: Batch, chunk: int, temperature: float, policy: bool = True):
+def forward_old(actor, critic: Critic, ref_model, batch: Batch, chunk: int, temperature: float, policy: bool = True,
+                reference: bool = True):
     """Old log-probs, reference log-probs and values, in chunks of ``chunk`` rows (no grad).
-    ``policy=False``: no policy forward (old log-probs and entropy are None; see ``make_experience``)."""
+    ``policy=False``: no policy forward (old log-probs and entropy are None; see ``make_experience``);
+    ``reference=False``: no reference forward (None: the engines scored it)."""
     from stages.ppo.policy import reference_logits
 
     old, ref, values, entropy = [], [], [], []
@@ -107,11 +109,12 @@ def forward_old(actor, critic: Critic, ref_model, batch: Batch, chunk: int, temp
             logits, v = actor(*args, with_values=critic.shares_policy)
             old.append(response_logprobs(logits, part, temperature))
             entropy.append(entropy_per_token(logits / temperature) * part.mask)
-        ref.append(response_logprobs(reference_logits(actor, ref_model, *args), part, temperature))
+        if reference:
+            ref.append(response_logprobs(reference_logits(actor, ref_model, *args), part, temperature))
         v = critic.values(v, args)
         if v is not None:
             values.append(v * part.mask)
-    return (torch.cat(old) if old else None, torch.cat(ref), torch.cat(values) if values else None,
+    return (torch.cat(old) if old else None, torch.cat(ref) if ref else None, torch.cat(values) if values else None,
             torch.cat(entropy) if entropy else None)
 
 
@@ -156,13 +159,15 @@ def advantages_for(algo: AlgorithmConfig, batch: Batch, scores: Tensor, kl: Tens
 
 def make_experience(actor, critic: Critic, ref_model, batch: Batch, engine_logprobs: Tensor, scores: Tensor,
                     finished: Tensor, algo: AlgorithmConfig, kl_coef: float, group_size: int, chunk: int,
-                    temperature: float, old_from_update: bool = False) -> Experience:
+                    temperature: float, old_from_update: bool = False, ref_logprobs: Tensor | None = None) -> Experience:
     """``old_from_update``: the iteration is one optimizer step over one micro-batch with the KL in the
     loss, so the update's own forward sees the policy that generated: its detached log-probs are the old
     ones (as TRL does with ``num_iterations=1``), this policy forward is skipped, and the update reports
-    the rollout-time stats (``rollout_stats``)."""
+    the rollout-time stats (``rollout_stats``). ``ref_logprobs``: the reference's, scored where the samples
+    were generated (``reference_placement: engine``); else the reference forward runs here."""
     old, ref, values, entropy = forward_old(actor, critic, ref_model, batch, chunk, temperature,
-                                            policy=not old_from_update)
+                                            policy=not old_from_update, reference=ref_logprobs is None)
+    ref = ref_logprobs if ref is None else ref
     mask = batch.mask
     kl = None if old is None else compute_kl(old, ref, algo.kl_estimator, mask)
     shaped = shape_scores(scores, finished, algo)

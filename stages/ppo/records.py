@@ -18,7 +18,8 @@ METRICS_FILE = "ppo_metrics.jsonl"
 # How each metric combines over ranks (mean where not named): token counts add, wall times take the slowest.
 REDUCE_OPS = {"rollout_tokens": "sum", "training_tokens": "sum", "samples": "sum", "rollout_seconds": "max",
               "training_seconds": "max", "sync_seconds": "max", "experience_seconds": "max",
-              "scoring_seconds": "max", "verify_seconds": "max", "iteration_seconds": "max"}
+              "scoring_seconds": "max", "verify_seconds": "max", "iteration_seconds": "max",
+              "generate_seconds": "max"}
 # The timed parts of ``iteration_seconds`` (the rest: reporting to Ray Train, reducing metrics, Python).
 PHASES = ("rollout", "scoring", "experience", "training", "sync", "verify")
 
@@ -32,7 +33,11 @@ def record(run, step: int, exp: Experience, scores: torch.Tensor, finished: torc
         "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "score_mean": float(exp.scores.mean()), "response_length": float(mask.sum(-1).mean()),
         "finished_fraction": float(finished.float().mean()), "kl_coef": float(run.kl_ctl.value),
+        # rollout_seconds: what the trainer waited for its samples; generate_seconds: how long they took (the
+        # same on policy; with off_policy_steps the generation ran during the previous update). rollout_lag:
+        # the updates between the weights that generated and those that train.
         "rollout_tokens": float(mask.sum()), "rollout_seconds": seconds["rollout"],
+        "generate_seconds": seconds["generate"], "rollout_lag": seconds["lag"],
         "training_tokens": float(exp.batch.attention_mask.sum()) * run.config.algorithm.ppo_epochs,
         "training_seconds": seconds["training"], "experience_seconds": seconds["experience"],
         "scoring_seconds": seconds["scoring"], "sync_seconds": synced["sync_seconds"],
@@ -46,7 +51,7 @@ def record(run, step: int, exp: Experience, scores: torch.Tensor, finished: torc
     if exp.values is not None:
         local["explained_variance"] = float(explained_variance(exp.values, exp.returns, mask))
     metrics = {k: v for k, v in reduce_metrics(local, REDUCE_OPS, run.device).items() if not math.isnan(v)}
-    metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(metrics["rollout_seconds"], 1e-9)
+    metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(metrics["generate_seconds"], 1e-9)
     # (not "train_*": curves_from_history drops those names, they are the HF Trainer's summary keys)
     metrics["training_tokens_per_s"] = metrics["training_tokens"] / max(metrics["training_seconds"], 1e-9)
     metrics["samples_per_s"] = metrics["samples"] / max(metrics["iteration_seconds"], 1e-9)

@@ -193,6 +193,7 @@ class RolloutEngines:
             placement_group=self.placement_group if engines.bundles() else None, bundles_per_engine=engines.ranks,
             engine_kwargs=kwargs, env_vars=launcher.worker_env(self.ctx), ready_timeout_s=READY_TIMEOUT_S,
             max_restarts=rollout.max_restarts,
+            reference=self.config.reference_placement == "engine" and not self.in_worker,
         )
         self.group = RolloutGroup(self.workers)
         if self.in_worker:

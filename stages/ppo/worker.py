@@ -4,6 +4,8 @@ Each iteration, on every worker, one function per step:
 
 1. :func:`rollout` -- this rank's prompts of the iteration (a seeded permutation; the iteration
    index is the data position) to this rank's rollout engines (Ray actors): ``n`` samples each;
+   with ``rollout.off_policy_steps: 1`` they were submitted during the previous iteration's training
+   and are waited for before its sync (``stages.ppo.generation``);
 2. :func:`score` -- verifier / ``module:function`` in-process, reward model in an actor or here;
 3. :func:`experience` -- old and reference log-probs, values (``stages.ppo.critic``), then advantages
    (``stages.rl.compute_advantages``) with the KL penalty in the reward or in the loss;
@@ -35,6 +37,7 @@ from stages.ppo.config import PPOConfig
 from stages.ppo.critic import Critic, build_critic, load_critic_model
 from stages.ppo.distributed import dist_info
 from stages.ppo.experience import Batch, Experience, make_experience, pack, response_logprobs, rollout_stats
+from stages.ppo.generation import note_restart, prompt_ids, sampling_params, settle, submit_ahead
 from stages.ppo.policy import ActorCritic, causal_lm, is_peft
 from stages.ppo.prompts import PromptPlan, my_engines
 from stages.ppo.records import load_history, record
@@ -42,7 +45,7 @@ from stages.ppo.sync import save_policy, sync_weights
 from stages.ppo.tracking import open_tracker
 from stages.ppo.trainee import Trainee, place_frozen, zero3_init
 from stages.rl import AdaptiveKLController, FixedKLController, aggregate_loss, entropy_from_logits, k3
-from stages.rl import ppo_policy_loss
+from stages.rl import ppo_policy_loss, truncated_is_weights
 from stages.rollout.trainer_engine import SHARED_MODULE, TRAINER_ENGINE, TrainerEngine
 from stages.tune_report import tune_values
 
@@ -95,11 +98,14 @@ def train_ppo_worker(args: dict) -> None:
     job, config, tokenizer = start_worker(args, PPOConfig, PPOJob)
     run = start_run(job, config, tokenizer, args)
     last_end = time.perf_counter()
+    ahead = None  # the next iteration's samples, generated while this one trains (rollout.off_policy_steps)
     for iteration in range(run.start, job.iterations):
-        results, seconds = rollout(run, iteration)
+        results, seconds = ahead.take() if ahead else rollout(run, iteration)
+        ahead = submit_ahead(run, iteration + 1)
         (scores, finished, parts), seconds["scoring"] = timed(score, run, iteration, results)
         exp, seconds["experience"] = experience(run, results, scores, finished)
         stats, seconds["training"] = update(run, exp, iteration)
+        ahead = settle(run, ahead)  # before the weights change
         synced = sync(run, iteration + 1)
         # Wall time since the previous iteration ended: its reporting and checkpoint are counted too.
         seconds["iteration"] = time.perf_counter() - last_end
@@ -135,7 +141,9 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
                          zero_stage=config.deepspeed.zero_stage, **load)
     critic_config = config.critic_config
     actor = ActorCritic(policy, value_head=critic_config is not None and critic_config.mode == "shared")
-    ref_model = None if is_peft(policy) else load_reference(job.model_source, config.peft, job.precision, **load)
+    # LoRA's reference is the adapter-disabled policy; reference_placement engine: the engines' actors hold it.
+    ref_model = None if is_peft(policy) or config.reference_placement == "engine" else \
+        load_reference(job.model_source, config.peft, job.precision, **load)
     critic_model = load_critic_model(config, job.critic_source, job.precision, tokenizer.pad_token_id,
                                      job.trust_remote_code)
     rows = [json.loads(line) for line in open(job.train_file)]
@@ -190,23 +198,16 @@ def resume(run: PPORun) -> None:
 
 
 def rollout(run: PPORun, iteration: int) -> tuple[list, dict[str, float]]:
-    """``n`` samples for each of this rank's prompts of the iteration; the engines sleep after (colocate)."""
-    from stages.chat_templates import conversation_ids
-    from stages.rollout import SamplingParams
-
-    rollout_config, seed = run.config.rollout, run.config.train.seed
-    indices = run.plan.indices(iteration)
-    for i in indices:
-        if i not in run.token_cache:
-            run.token_cache[i] = conversation_ids(run.tokenizer, run.plan.rows[i]["prompt"], add_generation_prompt=True)
-    params = SamplingParams(max_new_tokens=rollout_config.max_new_tokens, temperature=rollout_config.temperature,
-                            top_p=rollout_config.top_p, top_k=rollout_config.top_k, n=rollout_config.n,
-                            seed=seed * 1_000_003 + iteration * 10_007 + run.rank * 101)
+    """``n`` samples for each of this rank's prompts of the iteration, generated now (on policy; also the
+    first iteration of ``off_policy_steps: 1``); the engines sleep after (colocate)."""
+    prompts, params = prompt_ids(run, iteration), sampling_params(run, iteration)
+    with_reference = run.config.reference_placement == "engine"
     started = time.perf_counter()
     # The engines hold the weights of step `iteration` (the last sync); a restarted one gets them again.
-    results = recovering(run, iteration, lambda: run.engines.generate([run.token_cache[i] for i in indices], params))
-    seconds = {"rollout": time.perf_counter() - started}
-    if rollout_config.colocate:
+    results = recovering(run, iteration, lambda: run.engines.generate(prompts, params, with_reference))
+    elapsed = time.perf_counter() - started
+    seconds = {"rollout": elapsed, "generate": elapsed, "lag": 0.0}
+    if run.config.rollout.colocate:
         ckpt.barrier()
         if run.rank == 0:
             run.all_engines.sleep()
@@ -234,13 +235,19 @@ def experience(run: PPORun, results: list, scores: torch.Tensor, finished: torch
     for row, r in enumerate(results):
         engine_logprobs[row, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
     engine_logprobs = engine_logprobs.to(run.device)
+    ref_logprobs = None
+    if run.config.reference_placement == "engine":  # scored in the engines' actors as they generated
+        ref_logprobs = torch.zeros(batch.mask.shape, dtype=torch.float32)
+        for row, r in enumerate(results):
+            ref_logprobs[row, :len(r.ref_logprobs)] = torch.tensor(r.ref_logprobs, dtype=torch.float32)
+        ref_logprobs = ref_logprobs.to(run.device)
     run.actor.eval()
     run.critic.train(False)
     config = run.config
     exp = make_experience(run.actor, run.critic, run.ref_model, batch, engine_logprobs, scores, finished,
                           config.algorithm, run.kl_ctl.value, config.rollout.n,
                           chunk=max(config.train.batch_size, 16), temperature=config.rollout.temperature,
-                          old_from_update=old_logprobs_from_update(run))
+                          old_from_update=old_logprobs_from_update(run), ref_logprobs=ref_logprobs)
     return exp, time.perf_counter() - started
 
 
@@ -283,7 +290,7 @@ def sync(run: PPORun, step: int) -> dict:
         except EngineRestarted as exc:  # raised on every rank together (see sync_weights, verify_sync)
             if attempt:
                 raise
-            note_restart(run, exc, step)
+            note_restart(run, exc, f"sending them the weights of step {step} and retrying")
     raise AssertionError("unreachable")
 
 
@@ -345,16 +352,9 @@ def recovering(run: PPORun, weights_step: int, call):
         result, failure = None, exc
     if not any_rank(failure is not None, run.device):
         return result
-    note_restart(run, failure, weights_step)
+    note_restart(run, failure, f"sending them the weights of step {weights_step} and retrying")
     sync(run, weights_step)
     return call() if failure is not None else result
-
-
-def note_restart(run: PPORun, failure, step: int) -> None:
-    """Count a restart (rank 0 records the count) and say what happens next."""
-    run.engine_restarts += 1
-    if failure is not None:
-        stage_log(run.job.stage, f"{failure}; sending them the weights of step {step} and retrying", run.started)
 
 
 def ppo_update(exp: Experience, policy: Trainee, critic: Critic, config: PPOConfig, kl_coef: float,
@@ -388,8 +388,13 @@ def minibatch_step(exp: Experience, idx: torch.Tensor, policy: Trainee, critic: 
     logp = response_logprobs(logits, part, temperature)
     on_policy = exp.old_logprobs is None  # this forward is the rollout-time policy's (old_logprobs_from_update)
     old = logp.detach() if on_policy else exp.old_logprobs[idx]
-    loss, stats = ppo_policy_loss(logp, old, exp.advantages[idx], mask, clip_eps=algo.clip_eps,
+    advantages, tis_stats = exp.advantages[idx], {}
+    if algo.tis_cap is not None:  # samples drawn by the engine's policy, the ratio starts from the trainer's
+        weights, tis_stats = truncated_is_weights(old, exp.engine_logprobs[idx], mask, algo.tis_cap)
+        advantages = advantages * weights
+    loss, stats = ppo_policy_loss(logp, old, advantages, mask, clip_eps=algo.clip_eps,
                                   clip_eps_high=algo.clip_eps_high, loss_agg=algo.loss_agg)
+    stats.update(tis_stats)
     # The entropy bonus needs its gradient only when it is in the loss.
     entropy = entropy_from_logits((logits if algo.entropy_coef else logits.detach()) / temperature, mask)
     if on_policy:
@@ -460,7 +465,8 @@ def finish(run: PPORun) -> None:
         "model_summary": model_summary(run.actor.policy),
         "probe": probe,
     }
-    info = {"reference": "adapter-disabled policy" if run.ref_model is None else "frozen copy",
+    info = {"reference": "frozen copy in the engines' actors" if run.config.reference_placement == "engine" else
+            "adapter-disabled policy" if run.ref_model is None else "frozen copy",
             "critic": run.critic.mode, "sync_method": run.history[-1].get("sync_method") if run.history else None,
             "engine_restarts": int(run.history[-1].get("engine_restarts", 0)) if run.history else 0,
             **parameter_counts(run.actor, run.critic.module, run.ref_model)}

@@ -41,6 +41,7 @@ from .losses import (
     explained_variance,
     logprobs_from_logits,
     ppo_policy_loss,
+    truncated_is_weights,
     value_loss,
 )
 from .masked import last_token_index, masked_mean, masked_sum, masked_var, masked_whiten
@@ -70,6 +71,7 @@ __all__ = [
     "explained_variance",
     "logprobs_from_logits",
     "ppo_policy_loss",
+    "truncated_is_weights",
     "value_loss",
     "last_token_index",
     "masked_mean",

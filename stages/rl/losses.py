@@ -16,6 +16,7 @@ __all__ = [
     "LOSS_AGG_MODES",
     "aggregate_loss",
     "ppo_policy_loss",
+    "truncated_is_weights",
     "value_loss",
     "logprobs_from_logits",
     "entropy_per_token",
@@ -89,6 +90,22 @@ def ppo_policy_loss(
             "ratio_max": ratio[m].max() if m.any() else ratio.new_zeros(()),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def truncated_is_weights(old_logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor,
+                         cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token truncated importance weights ``min(pi_old / pi_behavior, cap)`` (no gradient), for samples
+    drawn by a behaviour policy other than the one the PPO ratio starts from (Espeholt et al. 2018's
+    truncation; Yao et al. 2025 for rollout engines). 0 on padding.
+
+    Stats: ``tis_weight_mean`` and ``tis_capped_fraction`` (tokens where the cap applied).
+    """
+    log_ratio = (old_logprobs - behavior_logprobs).detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    weights = torch.clamp(ratio, max=cap) * mask
+    stats = {"tis_weight_mean": masked_mean(weights, mask),
+             "tis_capped_fraction": masked_mean((ratio > cap).to(ratio.dtype), mask)}
+    return weights, stats
 
 
 def value_loss(

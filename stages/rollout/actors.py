@@ -43,7 +43,8 @@ from stages.rollout.base import (
 class RolloutWorker:
     """Holds one engine. Wrapped with ``ray.remote`` by :func:`create_rollout_engines`."""
 
-    def __init__(self, engine: str, model_path: str, engine_kwargs: dict | None = None) -> None:
+    def __init__(self, engine: str, model_path: str, engine_kwargs: dict | None = None,
+                 reference: bool = False) -> None:
         from stages.log import configure
 
         configure()  # before the engine imports its libraries (quiet mode quiets their import-time notices)
@@ -54,6 +55,9 @@ class RolloutWorker:
                 f"rollout engine 'vllm' asked for, but {vllm_status()[1]}. Without a GPU the vLLM CPU build "
                 "lives in .venv-vllm (`make install-vllm`; `make demo` runs there); or set rollout.engine: hf")
         self.engine = create_engine(self.engine_name, model_path, **(engine_kwargs or {}))
+        # The frozen starting model, never synced: it scores each rollout for the KL penalty here, on the
+        # engine's device, so that the trainer skips that forward (PPOConfig.reference_placement: engine).
+        self.reference = create_engine("hf", model_path, **(engine_kwargs or {})) if reference else None
         # Which trainer step's weights the engine holds: 0 = the starting model (also after a restart,
         # which re-runs this constructor). Set only once an update has been applied.
         self.weights_version = 0
@@ -70,6 +74,18 @@ class RolloutWorker:
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], params: SamplingParams) -> list[Rollout]:
         return self.engine.generate(prompts, params)
+
+    def generate_with_reference(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
+        """:meth:`generate`, each rollout with the reference's log-probs of its response (``ref_logprobs``)."""
+        if self.reference is None:
+            raise RuntimeError("generate_with_reference on an engine actor started without reference=True")
+        rollouts = self.engine.generate(prompts, params)
+        temperature = 1.0 if params.greedy else params.temperature
+        scores = self.reference.score([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+                                      temperature=temperature)
+        for rollout, ref in zip(rollouts, scores):
+            rollout.ref_logprobs = ref
+        return rollouts
 
     def score(self, prompt_ids, response_ids) -> list[list[float]]:
         return self.engine.score(prompt_ids, response_ids)
@@ -137,6 +153,7 @@ def create_rollout_engines(
     ready: bool = True,
     ready_timeout_s: float | None = None,
     max_restarts: int = 0,
+    reference: bool = False,
 ) -> list:
     """Start ``num_engines`` :class:`RolloutWorker` actors.
 
@@ -149,6 +166,8 @@ def create_rollout_engines(
     ``ready_timeout_s`` when given. ``max_restarts``: Ray restarts a dead engine actor this many times
     (on its starting model); its in-flight call fails and :class:`RolloutGroup` reports it as
     :class:`EngineRestarted`, so that the caller can send the current weights and retry.
+    ``reference``: each actor also holds the starting model, frozen, as an hf model on its device, to
+    score rollouts for the KL penalty (:meth:`RolloutGroup.generate` with ``with_reference``).
     """
     if num_engines < 1:
         raise ValueError("num_engines must be >= 1")
@@ -162,7 +181,7 @@ def create_rollout_engines(
         first = bundle_offset + i * bundles_per_engine
         options = _engine_options(num_cpus, num_gpus, env, placement_group, first, bundles_per_engine)
         options["max_restarts"] = max_restarts  # no task retries: a retried call would run on the old weights
-        workers.append(remote_cls.options(**options).remote(engine, str(model_path), engine_kwargs))
+        workers.append(remote_cls.options(**options).remote(engine, str(model_path), engine_kwargs, reference))
     if ready and ready_timeout_s is not None:
         from stages.resources import wait_ready
 
@@ -222,11 +241,20 @@ class RolloutGroup:
     def info(self) -> list[dict]:
         return ray.get([w.info.remote() for w in self.workers])
 
-    def generate(self, prompts: Sequence, params: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: Sequence, params: SamplingParams, with_reference: bool = False) -> list[Rollout]:
+        """``with_reference``: each rollout also carries the reference's log-probs (engines started with
+        ``reference=True``)."""
+        return self.start_generate(prompts, params, with_reference)()
+
+    def start_generate(self, prompts: Sequence, params: SamplingParams,
+                       with_reference: bool = False) -> Callable[[], list[Rollout]]:
+        """:meth:`generate` begun now; the returned call waits for the rollouts (the trainer trains meanwhile:
+        ``rollout.off_policy_steps``). An engine that died surfaces there, as :class:`EngineRestarted`."""
         ranges = split_ranges(len(prompts), len(self.workers))
-        refs = [w.generate.remote(list(prompts[a:b]), params.with_seed_offset(a * params.n))
+        refs = [(w.generate_with_reference if with_reference else w.generate).remote(
+                    list(prompts[a:b]), params.with_seed_offset(a * params.n))
                 for w, (a, b) in zip(self.workers, ranges)]
-        return [r for chunk in self._gather(refs, "generate") for r in chunk]
+        return lambda: [r for chunk in self._gather(refs, "generate") for r in chunk]
 
     def score(self, prompt_ids: Sequence, response_ids: Sequence) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):

@@ -78,6 +78,8 @@ class Rollout:
     ``logprobs[t]`` is the raw (temperature-1, unprocessed) log-prob of ``response_ids[t]``, see
     the module docstring. ``finished`` is True when generation ended on EOS or a stop token, False
     when it was cut by ``max_new_tokens``. ``response_text`` is decoded without special tokens.
+    ``ref_logprobs``: the reference policy's log-probs of the response at the sampling temperature, when
+    the engine's actor holds the reference (``RolloutWorker(reference=True)``).
     """
 
     prompt_ids: list[int]
@@ -85,6 +87,7 @@ class Rollout:
     response_text: str
     logprobs: list[float]
     finished: bool
+    ref_logprobs: list[float] | None = None
 
 
 @dataclass

@@ -160,16 +160,18 @@ class HFEngine(RolloutEngine):
     # -- scoring --
 
     @torch.inference_mode()
-    def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+              temperature: float = 1.0) -> list[list[float]]:
+        """Log-probs of the responses' tokens under ``softmax(logits / temperature)`` (raw: 1)."""
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
         out: list[list[float]] = []
         pairs = [(list(p), list(r)) for p, r in zip(prompt_ids, response_ids)]
         for start in range(0, len(pairs), self.max_batch_size):
-            out.extend(self._score_batch(pairs[start : start + self.max_batch_size]))
+            out.extend(self._score_batch(pairs[start : start + self.max_batch_size], temperature))
         return out
 
-    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]], temperature: float) -> list[list[float]]:
         seqs = [p + r for p, r in pairs]
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -178,7 +180,8 @@ class HFEngine(RolloutEngine):
             input_ids[i, : len(s)] = torch.tensor(s)
             attention[i, : len(s)] = 1
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        logits = logits[:, :-1].float()
+        logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
         token_logp = logp.gather(-1, input_ids[:, 1:].to(self.device).unsqueeze(-1)).squeeze(-1).cpu()
         return [token_logp[i, len(p) - 1 : len(p) - 1 + len(r)].tolist() for i, (p, r) in enumerate(pairs)]
 

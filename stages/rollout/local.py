@@ -26,11 +26,19 @@ class LocalEngines:
     def info(self) -> list[dict]:
         return [{"engine": e.name} for e in self.workers]
 
-    def generate(self, prompts: Sequence, params: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: Sequence, params: SamplingParams, with_reference: bool = False) -> list[Rollout]:
+        if with_reference:
+            raise ValueError("reference_placement: engine needs engine actors (RolloutWorker holds the reference), "
+                             "not engines in the trainer's process")
         out: list[Rollout] = []
         for engine, (a, b) in zip(self.workers, split_ranges(len(prompts), len(self.workers))):
             out += engine.generate(list(prompts[a:b]), params.with_seed_offset(a * params.n))
         return out
+
+    def start_generate(self, prompts: Sequence, params: SamplingParams,
+                       with_reference: bool = False) -> Callable[[], list[Rollout]]:
+        results = self.generate(prompts, params, with_reference)  # in this thread: nothing runs alongside the trainer
+        return lambda: results
 
     def update_weights(self, source: Any, version: int | None = None) -> list[SyncInfo]:
         infos = []

@@ -105,7 +105,7 @@ def rollouts_for(run) -> list:
 @pytest.mark.parametrize("peft, algorithm, critic, batch_size", [
     ({"method": "full"}, {"advantage": "gae"}, {"mode": "shared"}, 4),        # frozen reference copy, value head
     ({"method": "lora", "r": 4}, {"advantage": "gae"}, {"mode": "separate"}, 4),  # adapter-disabled reference
-    ({"method": "lora", "r": 4}, {"advantage": "grpo"}, None, 4),              # critic-free, KL in the loss
+    ({"method": "lora", "r": 4}, {"advantage": "grpo", "tis_cap": 2.0}, None, 4),  # critic-free, KL in the loss, TIS
     ({"method": "full"}, {"advantage": "grpo"}, None, 8),  # one step: old log-probs from the update's forward
 ], ids=["full-shared", "lora-separate", "lora-grpo", "full-grpo-one-step"])
 def test_one_iteration_keeps_every_tensor_on_the_models_device(tiny_base, peft, algorithm, critic, batch_size):
@@ -127,7 +127,7 @@ def test_one_iteration_keeps_every_tensor_on_the_models_device(tiny_base, peft, 
         exp, seconds = experience(run, results, scores, finished)
         stats, _ = update(run, exp, 0)
         metrics = record(run, 1, exp, scores, finished, parts, {**stats, **exp.stats},
-                         {"rollout": 0.1, "scoring": 0.0, "experience": seconds, "training": 0.1, "iteration": 0.3},
+                         {"rollout": 0.1, "generate": 0.1, "lag": 0.0, "scoring": 0.0, "experience": seconds, "training": 0.1, "iteration": 0.3},
                          {"sync_seconds": 0.0})
     on_host = [name for name, t in tensors_of(exp, "exp") if t.device != META]
     assert not on_host, f"left on the host: {on_host}"
@@ -136,6 +136,7 @@ def test_one_iteration_keeps_every_tensor_on_the_models_device(tiny_base, peft, 
     assert {p.device for p in run.actor.parameters()} == {META}
     assert mode.host_reads > 10  # the metrics were read (as placeholders) from device tensors
     assert {"reward_mean", "kl", "entropy", "loss"} <= set(metrics)
+    assert ("tis_weight_mean" in metrics) == ("tis_cap" in algorithm)
 
 
 def test_the_same_iteration_on_the_host_is_finite(tiny_base):
@@ -149,7 +150,7 @@ def test_the_same_iteration_on_the_host_is_finite(tiny_base):
     exp, seconds = experience(run, results, scores, finished)
     stats, _ = update(run, exp, 0)
     metrics = record(run, 1, exp, scores, finished, parts, {**stats, **exp.stats},
-                     {"rollout": 0.1, "scoring": 0.0, "experience": seconds, "training": 0.1, "iteration": 0.3}, {"sync_seconds": 0.0})
+                     {"rollout": 0.1, "generate": 0.1, "lag": 0.0, "scoring": 0.0, "experience": seconds, "training": 0.1, "iteration": 0.3}, {"sync_seconds": 0.0})
     assert all(torch.isfinite(t).all() for _, t in tensors_of(exp) if t.is_floating_point())
     # The hand-made responses carry logprobs -1 while the tiny model's are far lower: a large but finite gap.
     assert 0.1 < metrics["rollout_logprob_diff"] < 50

@@ -459,6 +459,41 @@ def test_trainer_engine_grpo_generates_in_each_worker_and_learns(ray_cluster, ti
     assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + TRAINER_HELDOUT_GAIN, m
 
 
+OFF_POLICY_ITERS, OFF_POLICY_HELDOUT_GAIN = 10, 0.2
+
+
+@pytest.mark.slow
+def test_one_step_off_policy_grpo_trains_on_samples_generated_during_the_update(ray_cluster, tiny_base,
+                                                                               addition_sft, tmp_path):
+    """rollout.off_policy_steps 1: after the first iteration, every iteration trains on samples the hf engine
+    actor (a CPU of its own) generated during the previous update, with the weights one update old; the
+    truncated importance weights correct for it, every sync is verified, and the policy learns. The KL
+    reference scores the samples in the engine's actor (reference_placement: engine): the trainer holds no
+    frozen copy."""
+    from pipeline.runner import run_pipeline
+
+    rollout = {"engine": "hf", "prompts_per_step": 64, "n": 4, "off_policy_steps": 1}
+    stage = ppo_stage(peft={"method": "full"}, rollout=rollout, reference_placement="engine",
+                      algorithm={"advantage": "grpo", "ppo_epochs": 1, "tis_cap": 2.0},
+                      scaling={"num_workers": 1, "cpus_per_worker": 1},
+                      train={"max_steps": OFF_POLICY_ITERS, "lr": TRAINER_LR, "batch_size": 256, "logging_steps": 5})
+    run = run_pipeline(parse_spec(spec_raw(tmp_path, {"grpo": stage})), only=["grpo"],
+                       inputs={"base": str(tiny_base), "sft": str(addition_sft)})["grpo"]
+    m = run.manifest["metrics"]
+    assert curve(run, "rollout_lag") == [0.0] + [1.0] * (OFF_POLICY_ITERS - 1)
+    assert run.manifest["reference"] == "frozen copy in the engines' actors" and m["ref_parameters"] == 0, m
+    # Before the first update the policy is the reference: the engine's reference log-probs are the trainer's
+    # policy log-probs of the same tokens (fp32, two processes: ~1e-7 per token); then the KL grows.
+    kl = curve(run, "kl")
+    assert abs(kl[0]) < 1e-4 and max(kl[1:]) > 100 * max(abs(kl[0]), 1e-6), kl
+    assert run.manifest["sync_method"] == "hf_weight_stream_gloo"
+    assert len(curve(run, "sync_probe_diff")) == OFF_POLICY_ITERS and max(curve(run, "sync_probe_diff")) < 1e-4
+    # On policy the weights are 1 (engine and trainer agree to ~1e-6); one update old they move away from 1.
+    weights = curve(run, "tis_weight_mean")
+    assert abs(weights[0] - 1.0) < 1e-3 and max(abs(w - 1.0) for w in weights[1:]) > 1e-3, weights
+    assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + OFF_POLICY_HELDOUT_GAIN, m
+
+
 # --------------------------------------------------------------------------- kill and resume
 
 
@@ -516,15 +551,19 @@ def kill_engine_after(root: Path, metrics_glob: str, iterations: int, timeout: f
 
 
 @pytest.mark.slow
-def test_a_killed_engine_is_restarted_and_the_stage_completes(ray_cluster, addition_sft, tiny_base, tmp_path):
+@pytest.mark.parametrize("ahead", [False, True], ids=["on-policy", "one-step-ahead"])
+def test_a_killed_engine_is_restarted_and_the_stage_completes(ray_cluster, addition_sft, tiny_base, tmp_path, ahead):
     """SIGKILL the rollout engine's actor process mid-stage: Ray restarts it (``rollout.max_restarts``), the
-    failed call is retried after the current weights were sent (and verified), and the manifest counts it."""
+    failed call is retried after the current weights were sent (and verified), and the manifest counts it.
+    One step ahead (with the reference in the engine's actor, rebuilt by the restart), samples lost with
+    the engine are generated again after the sync."""
     from pipeline.runner import run_pipeline
 
     iterations = 6
+    ahead_settings = {"reference_placement": "engine"} if ahead else {}
     stage = ppo_stage(peft={"method": "full"}, algorithm={"advantage": "grpo"},
-                      rollout={"n": 2, "prompts_per_step": 8, "max_restarts": 1},
-                      train={"max_steps": iterations, "lr": 1e-4, "batch_size": 16})
+                      rollout={"n": 2, "prompts_per_step": 8, "max_restarts": 1, "off_policy_steps": int(ahead)},
+                      train={"max_steps": iterations, "lr": 1e-4, "batch_size": 16}, **ahead_settings)
     raw = spec_raw(tmp_path, {"ppo": stage})
     killed = kill_engine_after(tmp_path, "ppo/ppo/.partial-*/ppo_metrics.jsonl", 2)
     artifact = run_pipeline(parse_spec(raw), only=["ppo"], inputs={"base": str(tiny_base), "sft": str(addition_sft)})["ppo"]

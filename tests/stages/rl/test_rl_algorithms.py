@@ -324,6 +324,23 @@ def test_ppo_policy_loss_clip_higher():
     close(stats["clip_fraction"], 1 / 5)
 
 
+def test_truncated_is_weights_cap_the_ratio_and_carry_no_gradient():
+    from stages.rl import truncated_is_weights
+
+    ratios = [[0.5, 1.0, 3.0], [2.0, 8.0, 1.0]]
+    behavior = T([[-1.0, -2.0, -0.5], [-3.0, -2.5, -1.0]])
+    old = (behavior + torch.log(T(ratios))).requires_grad_(True)
+    mask = T([[1, 1, 1], [1, 1, 0]])
+    weights, stats = truncated_is_weights(old, behavior, mask, cap=2.0)
+    close(weights, [[0.5, 1.0, 2.0], [2.0, 2.0, 0.0]])  # capped at 2, 0 on padding
+    assert not weights.requires_grad  # a weight on the advantage, not a path for the gradient
+    close(stats["tis_weight_mean"], (0.5 + 1.0 + 2.0 + 2.0 + 2.0) / 5)
+    close(stats["tis_capped_fraction"], 2 / 5)  # 3.0 and 8.0 (2.0 itself is not over the cap)
+    # On policy (old == behaviour) every real token weighs 1 and the loss is PPO's own.
+    ones, _ = truncated_is_weights(behavior, behavior, mask, cap=2.0)
+    close(ones, mask)
+
+
 def test_value_loss_clipping():
     values = T([[1.5, 2.0, 50.0]])
     old = T([[1.0, 1.0, 0.0]])
