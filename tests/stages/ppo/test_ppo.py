@@ -459,6 +459,7 @@ def test_trainer_engine_grpo_generates_in_each_worker_and_learns(ray_cluster, ti
     assert m["heldout_accuracy"] >= m["initial_heldout_accuracy"] + TRAINER_HELDOUT_GAIN, m
 
 
+# Measured (2 ranks, 2026-12-04): held-out 51.0% -> 76.5% (train.seed 0) and -> 92.5% (seed 1); one rank: 81.5%.
 OFF_POLICY_ITERS, OFF_POLICY_HELDOUT_GAIN = 10, 0.2
 
 
@@ -466,17 +467,18 @@ OFF_POLICY_ITERS, OFF_POLICY_HELDOUT_GAIN = 10, 0.2
 def test_one_step_off_policy_grpo_trains_on_samples_generated_during_the_update(ray_cluster, tiny_base,
                                                                                addition_sft, tmp_path):
     """rollout.off_policy_steps 1: after the first iteration, every iteration trains on samples the hf engine
-    actor (a CPU of its own) generated during the previous update, with the weights one update old; the
+    actor (a CPU of its own, shared by two training ranks) generated during the previous update, with the weights one update old; the
     truncated importance weights correct for it, every sync is verified, and the policy learns. The KL
     reference scores the samples in the engine's actor (reference_placement: engine): the trainer holds no
     frozen copy."""
     from pipeline.runner import run_pipeline
 
     rollout = {"engine": "hf", "prompts_per_step": 64, "n": 4, "off_policy_steps": 1}
+    # Two ZeRO-2 ranks share the engine: each waits for its samples (a collective) before rank 0 syncs.
     stage = ppo_stage(peft={"method": "full"}, rollout=rollout, reference_placement="engine",
                       algorithm={"advantage": "grpo", "ppo_epochs": 1, "tis_cap": 2.0},
-                      scaling={"num_workers": 1, "cpus_per_worker": 1},
-                      train={"max_steps": OFF_POLICY_ITERS, "lr": TRAINER_LR, "batch_size": 256, "logging_steps": 5})
+                      scaling={"num_workers": 2, "cpus_per_worker": 1}, deepspeed={"zero_stage": 2},
+                      train={"max_steps": OFF_POLICY_ITERS, "lr": TRAINER_LR, "batch_size": 128, "logging_steps": 5})
     run = run_pipeline(parse_spec(spec_raw(tmp_path, {"grpo": stage})), only=["grpo"],
                        inputs={"base": str(tiny_base), "sft": str(addition_sft)})["grpo"]
     m = run.manifest["metrics"]
