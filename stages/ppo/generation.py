@@ -56,6 +56,19 @@ def sampling_params(run, iteration: int):
                           seed=seed * 1_000_003 + iteration * 10_007 + run.rank * 101)
 
 
+def check_weights(results: list, step: int) -> list:
+    """``results`` when every sample came from the weights of ``step``; else :class:`EngineRestarted`, so that
+    the caller sends the current weights and generates again: an engine that Ray restarted between two calls
+    (no call failed) serves its starting model, version 0, until the next sync."""
+    from stages.rollout.base import EngineRestarted
+
+    stale = sorted({r.weights_version for r in results} - {step, None})
+    if stale:
+        raise EngineRestarted([], "the previous step", f"samples came from the weights of step "
+                              f"{', '.join(map(str, stale))}, not step {step}")
+    return results
+
+
 def submit_ahead(run, iteration: int) -> Ahead | None:
     """Start generating ``iteration``'s samples on this rank's engines (which still hold the weights of the
     iteration being trained); None when on policy or past the last iteration."""
@@ -78,7 +91,8 @@ def settle(run, ahead: Ahead | None) -> Ahead | None:
         return None
     started = time.perf_counter()
     try:
-        ahead.results, failure = ahead.pending(), None
+        # The engines held the weights of the iteration being trained, one step before the samples' own.
+        ahead.results, failure = check_weights(ahead.pending(), ahead.iteration - 1), None
     except EngineRestarted as exc:
         failure = exc
     ahead.pending = None

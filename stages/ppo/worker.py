@@ -37,7 +37,7 @@ from stages.ppo.config import PPOConfig
 from stages.ppo.critic import Critic, build_critic, load_critic_model
 from stages.ppo.distributed import dist_info
 from stages.ppo.experience import Batch, Experience, make_experience, pack, response_logprobs, rollout_stats
-from stages.ppo.generation import note_restart, prompt_ids, sampling_params, settle, submit_ahead
+from stages.ppo.generation import check_weights, note_restart, prompt_ids, sampling_params, settle, submit_ahead
 from stages.ppo.policy import ActorCritic, causal_lm, is_peft
 from stages.ppo.prompts import PromptPlan, my_engines
 from stages.ppo.records import load_history, record
@@ -202,9 +202,15 @@ def rollout(run: PPORun, iteration: int) -> tuple[list, dict[str, float]]:
     first iteration of ``off_policy_steps: 1``); the engines sleep after (colocate)."""
     prompts, params = prompt_ids(run, iteration), sampling_params(run, iteration)
     with_reference = run.config.reference_placement == "engine"
+    in_worker = run.config.rollout.engine == TRAINER_ENGINE  # generates with the trained module: no versions
+
+    def generate() -> list:
+        results = run.engines.generate(prompts, params, with_reference)
+        return results if in_worker else check_weights(results, iteration)
+
     started = time.perf_counter()
     # The engines hold the weights of step `iteration` (the last sync); a restarted one gets them again.
-    results = recovering(run, iteration, lambda: run.engines.generate(prompts, params, with_reference))
+    results = recovering(run, iteration, generate)
     elapsed = time.perf_counter() - started
     seconds = {"rollout": elapsed, "generate": elapsed, "lag": 0.0}
     if run.config.rollout.colocate:

@@ -73,13 +73,16 @@ class RolloutWorker:
         }
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], params: SamplingParams) -> list[Rollout]:
-        return self.engine.generate(prompts, params)
+        rollouts = self.engine.generate(prompts, params)
+        for rollout in rollouts:  # a restart between two calls shows here: version 0
+            rollout.weights_version = self.weights_version
+        return rollouts
 
     def generate_with_reference(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
         """:meth:`generate`, each rollout with the reference's log-probs of its response (``ref_logprobs``)."""
         if self.reference is None:
             raise RuntimeError("generate_with_reference on an engine actor started without reference=True")
-        rollouts = self.engine.generate(prompts, params)
+        rollouts = self.generate(prompts, params)
         temperature = 1.0 if params.greedy else params.temperature
         scores = self.reference.score([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                                       temperature=temperature)

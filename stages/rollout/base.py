@@ -79,7 +79,9 @@ class Rollout:
     the module docstring. ``finished`` is True when generation ended on EOS or a stop token, False
     when it was cut by ``max_new_tokens``. ``response_text`` is decoded without special tokens.
     ``ref_logprobs``: the reference policy's log-probs of the response at the sampling temperature, when
-    the engine's actor holds the reference (``RolloutWorker(reference=True)``).
+    the engine's actor holds the reference (``RolloutWorker(reference=True)``). ``weights_version``: the
+    trainer step of the weights that generated it (0: the starting model, also after a restart), where
+    the engine is driven through ``RolloutWorker`` or ``LocalEngines``.
     """
 
     prompt_ids: list[int]
@@ -88,6 +90,7 @@ class Rollout:
     logprobs: list[float]
     finished: bool
     ref_logprobs: list[float] | None = None
+    weights_version: int | None = None
 
 
 @dataclass
@@ -201,6 +204,9 @@ class RolloutEngine(ABC):
     """Generation, teacher-forced scoring and weight sync behind one small interface."""
 
     name: str = "?"
+    # The trainer step of the weights it serves, recorded by the in-process driver that applied them
+    # (LocalEngines; several of them may wrap one engine). RolloutWorker keeps its own, per actor process.
+    weights_version: int = 0
 
     @abstractmethod
     def generate(
@@ -280,7 +286,8 @@ class EngineRestarted(RuntimeError):
     the current weights before the call is retried."""
 
     def __init__(self, engines: list[int], call: str, cause: str) -> None:
-        super().__init__(f"rollout engine(s) {engines} died during {call} and were restarted ({cause})")
+        which = f" {engines}" if engines else ""
+        super().__init__(f"rollout engine(s){which} died during {call} and were restarted ({cause})")
         self.engines, self.call = engines, call
 
 

@@ -18,7 +18,6 @@ class LocalEngines:
         if not engines:
             raise ValueError("LocalEngines needs at least one engine")
         self.workers = list(engines)
-        self.versions = [0] * len(self.workers)  # the trainer step each engine's weights come from
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -32,24 +31,27 @@ class LocalEngines:
                              "not engines in the trainer's process")
         out: list[Rollout] = []
         for engine, (a, b) in zip(self.workers, split_ranges(len(prompts), len(self.workers))):
-            out += engine.generate(list(prompts[a:b]), params.with_seed_offset(a * params.n))
+            chunk = engine.generate(list(prompts[a:b]), params.with_seed_offset(a * params.n))
+            for rollout in chunk:
+                rollout.weights_version = engine.weights_version
+            out += chunk
         return out
 
     def start_generate(self, prompts: Sequence, params: SamplingParams,
                        with_reference: bool = False) -> Callable[[], list[Rollout]]:
-        results = self.generate(prompts, params, with_reference)  # in this thread: nothing runs alongside the trainer
+        results = self.generate(prompts, params, with_reference)  # in this thread: nothing runs beside the trainer
         return lambda: results
 
     def update_weights(self, source: Any, version: int | None = None) -> list[SyncInfo]:
         infos = []
-        for index, engine in enumerate(self.workers):
+        for engine in self.workers:
             infos.append(engine.update_weights(source))
             if version is not None:
-                self.versions[index] = version
+                engine.weights_version = version
         return infos
 
     def serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[dict]:
-        return [serving_report(e, v, prompt_ids, response_ids) for e, v in zip(self.workers, self.versions)]
+        return [serving_report(e, e.weights_version, prompt_ids, response_ids) for e in self.workers]
 
     def start_serving(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Callable[[], list[dict]]:
         return lambda: self.serving(prompt_ids, response_ids)  # in this thread: nothing to overlap

@@ -88,8 +88,12 @@ def _check_follows(group, model, before, P, R) -> None:
 
 def test_stream_into_hf_actors_and_reform_after_restart(ray_cluster, tiny_base, pair, tmp_path):
     """Two hf engines (group ranks 1, 2); the group is kept between syncs and formed anew once an
-    engine actor restarted (new pid)."""
+    engine actor restarted (new pid). Samples carry the version of the weights that generated them, so a
+    restart between two calls (which fails none) shows as samples of step 0 (stages.ppo.generation)."""
+    from stages.ppo.generation import check_weights
+    from stages.rollout import SamplingParams
     from stages.rollout.actors import RolloutGroup, create_rollout_engines
+    from stages.rollout.base import EngineRestarted
 
     P, R = pair
     workers = create_rollout_engines(2, "hf", str(tiny_base), num_cpus=1, max_restarts=1)
@@ -107,9 +111,16 @@ def test_stream_into_hf_actors_and_reform_after_restart(ray_cluster, tiny_base, 
         assert group._weight_link is link  # same engine processes: the group is reused
         assert max_diff(group.score(P, R), reference_logprobs(second, P, R)) < MATCH_TOL
 
+        params = SamplingParams(max_new_tokens=3, n=2, seed=0)
+        assert {r.weights_version for r in check_weights(group.generate(P[:2], params), 2)} == {2}
+
         old_pid = group.info()[0]["pid"]
         ray_cluster.kill(workers[0], no_restart=False)  # Ray restarts it on the base weights
         _wait_restarted(ray_cluster, workers[0], old_pid)
+        samples = group.generate(P[:2], params)  # no call failed: engine 0 serves its starting model
+        assert [r.weights_version for r in samples] == [0, 0, 2, 2]
+        with pytest.raises(EngineRestarted, match="samples came from the weights of step 0, not step 2"):
+            check_weights(samples, 2)
         restarted_before = group.score(P, R)
         third = _perturbed(tiny_base, seed=3)
         assert _sync(third, group, tmp_path, step=3)["sync_method"] == "hf_weight_stream_gloo"
