@@ -237,16 +237,10 @@ def experience(run: PPORun, results: list, scores: torch.Tensor, finished: torch
     started = time.perf_counter()
     batch = pack([r.prompt_ids for r in results], [r.response_ids for r in results],
                  run.tokenizer.pad_token_id).to(run.device)
-    engine_logprobs = torch.zeros(batch.mask.shape, dtype=torch.float32)
-    for row, r in enumerate(results):
-        engine_logprobs[row, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
-    engine_logprobs = engine_logprobs.to(run.device)
+    engine_logprobs = padded([r.logprobs for r in results], batch.mask.shape, run.device)
     ref_logprobs = None
     if run.config.reference_placement == "engine":  # scored in the engines' actors as they generated
-        ref_logprobs = torch.zeros(batch.mask.shape, dtype=torch.float32)
-        for row, r in enumerate(results):
-            ref_logprobs[row, :len(r.ref_logprobs)] = torch.tensor(r.ref_logprobs, dtype=torch.float32)
-        ref_logprobs = ref_logprobs.to(run.device)
+        ref_logprobs = padded([r.ref_logprobs for r in results], batch.mask.shape, run.device)
     run.actor.eval()
     run.critic.train(False)
     config = run.config
@@ -255,6 +249,14 @@ def experience(run: PPORun, results: list, scores: torch.Tensor, finished: torch
                           chunk=max(config.train.batch_size, 16), temperature=config.rollout.temperature,
                           old_from_update=old_logprobs_from_update(run), ref_logprobs=ref_logprobs)
     return exp, time.perf_counter() - started
+
+
+def padded(rows: list[list[float]], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Per-token values of each response as a ``[B, T]`` float32 tensor, 0 after each row's end."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for row, values in enumerate(rows):
+        out[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out.to(device)
 
 
 def old_logprobs_from_update(run: PPORun) -> bool:
