@@ -27,7 +27,7 @@ The groups and their rules:
   ``cpus_per_engine`` CPUs and one engine rank's GPUs (``gpus_per_engine / tensor_parallel_size``, or 1
   with GPU training), in the PPO stage's placement group after the engines' bundles.
 * eval actors (``kind: eval``): ``generation.concurrency`` x ``cpus_per_actor`` / ``gpus_per_actor``
-  in a Ray Data actor pool.
+  in a Ray Data actor pool per model, times the models evaluated at once (``max_concurrent_models``).
 
 Memory is per member in bytes; 0 means the stage does not ask Ray to reserve any (none does today:
 model sizes are not known from the config), and :func:`check_fits` compares it only when set.
@@ -155,7 +155,9 @@ def stage_resources(config: ConfigModel, stage: str | None = None) -> StageResou
         return StageResources(name, (training_workers(config),))
     if isinstance(config, EvalConfig):
         generation = config.generation
-        return StageResources(name, (ResourceGroup(EVAL, generation.concurrency, generation.cpus_per_actor,
+        models = len(set(config.models) | ({config.reference} if config.reference else set()))
+        actors = generation.concurrency * min(generation.max_concurrent_models, models)
+        return StageResources(name, (ResourceGroup(EVAL, actors, generation.cpus_per_actor,
                                                    generation.gpus_per_actor),))
     return StageResources(name)  # the base: built in the driver
 

@@ -25,7 +25,10 @@ class EvalGenerationConfig(ConfigModel):
     )
     kl_prompts: int = Field(32, ge=1, description="Prompts (the first ones) sampled for the KL estimate.")
     batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch.")
-    concurrency: int = Field(1, ge=1, description="Engine actors in the Ray Data actor pool.")
+    concurrency: int = Field(1, ge=1, description="Engine actors in each model's Ray Data actor pool.")
+    max_concurrent_models: int = Field(
+        1, ge=1, description="Models evaluated at once, each in its own Ray Data pass and actor pool (its "
+                             "resources each); the results are the same at any setting.")
     cpus_per_actor: float = Field(1, gt=0)
     gpus_per_actor: float = Field(0, ge=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine constructor.")

@@ -1,7 +1,8 @@
 """The ``eval`` stage: compare the models of a pipeline on held-out data; no model is written.
 
 Run it alone with ``rayalign run PIPELINE.yaml --only eval``. For each model in ``models:`` (plus
-the reference), one Ray Data batch-inference pass (``stages.evaluate.generation``) generates the
+the reference), one Ray Data batch-inference pass (``stages.evaluate.generation``; up to
+``generation.max_concurrent_models`` passes at once, each with its own actor pool) generates the
 responses to every held-out prompt, samples for the KL estimate and scores held-out SFT answers and
 preference pairs; then :mod:`stages.evaluate.metrics` turns the rows into:
 
@@ -35,6 +36,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,15 +241,21 @@ def run(ctx: StageContext) -> StageResult:
                    previous=previous_entries(ctx))
     check_prompt_lengths(plan)
     (ctx.work_dir / RESPONSES_DIR).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        plan.keys[name] = ctx.run.fingerprint({"model": by_stage[name].fingerprint, "settings": plan.settings_fp})
     entries: dict[str, dict] = {}
     models_info: dict[str, dict] = {}
-    for name in names:
-        artifact = by_stage[name]
-        plan.keys[name] = ctx.run.fingerprint({"model": artifact.fingerprint, "settings": plan.settings_fp})
-        entry, models_info[name] = evaluate_model(plan, name, artifact)
-        entries[name] = {**entry, "stage": name, "fingerprint": artifact.fingerprint, "settings": plan.settings_fp}
-        write_json(ctx.work_dir / METRICS_FILE,
-                   {"settings": settings, "models": {plan.keys[n]: e for n, e in entries.items()}})
+    inferring = start_inference(plan, [n for n in names if plan.keys[n] not in plan.previous], by_stage)
+    try:
+        for name in names:  # in order, the reference first: the others' win rates read its responses
+            artifact = by_stage[name]
+            entry, models_info[name] = evaluate_model(plan, name, artifact, inferring.get(name))
+            entries[name] = {**entry, "stage": name, "fingerprint": artifact.fingerprint, "settings": plan.settings_fp}
+            write_json(ctx.work_dir / METRICS_FILE,
+                       {"settings": settings, "models": {plan.keys[n]: e for n, e in entries.items()}})
+    finally:
+        for future in inferring.values():  # after a failure: the passes not begun yet are not begun
+            future.cancel()
     manifest = eval_manifest(plan, names, entries, models_info)
     order = manifest["eval"]["order"]
     ctx.log(f"reused {manifest['eval']['reused'] or 'none'}; computed {manifest['eval']['computed'] or 'none'}")
@@ -292,11 +300,39 @@ def check_generation_prompts(data: EvalData, config: EvalConfig, tokenizer, cont
     check_context(prompts, tokenizer, context, config.generation.max_new_tokens, key, where, config.few_shot)
 
 
-def evaluate_model(plan: EvalRun, name: str, artifact: UpstreamArtifact) -> tuple[dict, dict]:
-    """One model's entry and manifest info: reused from an earlier eval with the same key, else computed
-    with one Ray Data inference pass."""
+def start_inference(plan: EvalRun, names: list[str], by_stage: dict[str, UpstreamArtifact]) -> dict[str, Future]:
+    """Each model's Ray Data pass begun, up to ``generation.max_concurrent_models`` at once. Every pass has
+    its own actor pool and the same rows and batches whatever the setting, so its results do not change."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not names:
+        return {}
+    plan.ctx.run.connect_ray()
+    pool = ThreadPoolExecutor(plan.config.generation.max_concurrent_models, thread_name_prefix=f"{plan.ctx.name}-models")
+    futures = {name: pool.submit(infer, plan, name, by_stage[name]) for name in names}
+    pool.shutdown(wait=False)
+    return futures
+
+
+def infer(plan: EvalRun, name: str, artifact: UpstreamArtifact) -> tuple[Path, list[dict], float]:
+    """One model's Ray Data inference pass: (its full-weights folder, the output rows, seconds)."""
     from stages.evaluate.generation import run_inference
 
+    ctx, config, data = plan.ctx, plan.config, plan.data
+    path = upstream_full_model(ctx, artifact)
+    ctx.log(f"{name}: evaluating {path} ({len(data.prompts)} prompts, {len(data.sft)} sft answers, "
+            f"{len(data.pairs)} pairs) against {plan.reference}")
+    watch = Stopwatch()
+    rows = run_inference(data.rows(config.generation.kl_prompts), model_path=str(path),
+                         reference_path=str(plan.reference_path), reward_path=plan.reward_path,
+                         generation=config.generation, chat_template=config.chat_template)
+    return path, rows, watch.seconds
+
+
+def evaluate_model(plan: EvalRun, name: str, artifact: UpstreamArtifact, inferring: Future | None
+                   ) -> tuple[dict, dict]:
+    """One model's entry and manifest info: reused from an earlier eval with the same key, else computed
+    from its inference pass (``inferring``, begun by :func:`start_inference`)."""
     ctx, config, data, key = plan.ctx, plan.config, plan.data, plan.keys[name]
     target = plan.responses_file(name)
     if key in plan.previous:
@@ -305,19 +341,12 @@ def evaluate_model(plan: EvalRun, name: str, artifact: UpstreamArtifact) -> tupl
             shutil.copyfile(folder / RESPONSES_DIR / f"{key}.jsonl", target)
         ctx.log(f"{name}: reusing results {key} from {folder}")
         return entry, {"fingerprint": artifact.fingerprint, "key": key, "reused_from": str(folder)}
-    ctx.run.connect_ray()
-    path = upstream_full_model(ctx, artifact)
-    ctx.log(f"{name}: evaluating {path} ({len(data.prompts)} prompts, {len(data.sft)} sft answers, "
-            f"{len(data.pairs)} pairs) against {plan.reference}")
+    path, rows, inference_seconds = inferring.result()
     watch = Stopwatch()
-    rows = run_inference(data.rows(config.generation.kl_prompts), model_path=str(path),
-                         reference_path=str(plan.reference_path), reward_path=plan.reward_path,
-                         generation=config.generation, chat_template=config.chat_template)
-    inference_seconds = watch.seconds
     reference_rows = None if name == plan.reference else read_responses(plan.responses_file(plan.reference))
     entry, responses = summarize(rows, data, config, reference_rows)
     write_jsonl(target, responses)
-    ctx.log(f"{name}: Ray Data inference {inference_seconds:.1f}s, metrics {watch.seconds - inference_seconds:.1f}s")
+    ctx.log(f"{name}: Ray Data inference {inference_seconds:.1f}s, metrics {watch.seconds:.1f}s")
     return entry, {"fingerprint": artifact.fingerprint, "key": key, "reused_from": None, "model_dir": str(path)}
 
 

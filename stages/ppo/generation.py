@@ -108,3 +108,25 @@ def note_restart(run, failure, what_next: str) -> None:
     run.engine_restarts += 1
     if failure is not None:
         stage_log(run.job.stage, f"{failure}; {what_next}", run.started)
+
+
+def wait_for_engines(ready: list, engines, config) -> None:
+    """Block until the engines have loaded and served the driver's first calls (``ready``: the starting
+    policy's held-out prompts), at most ``READY_TIMEOUT_S``; then check that vLLM accepts the LoRA rank. The
+    driver does not wait for the engines before it starts the training workers: both load at once."""
+    if ready:  # ray.wait: an engine that failed counts as done, and its error surfaces on the first call
+        import ray  # only here: a standalone worker (engines in its process) may run where Ray is not installed
+
+        from stages.resources import READY_TIMEOUT_S, PlacementTimeout
+
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=READY_TIMEOUT_S, fetch_local=False)
+        if len(done) < len(ready):
+            raise PlacementTimeout(f"{len(ready) - len(done)} of {len(ready)} rollout engine call(s) not answered "
+                                   f"after {READY_TIMEOUT_S:.0f}s: an engine is still loading, or Ray cannot place it")
+    if config.peft.method != "full":  # "auto" resolves in the engine's actor: check the rank where it is vLLM
+        from stages.rollout import validate_lora_for_vllm
+        from stages.rollout.base import choose_max_lora_rank
+
+        if any(info["engine"] == "vllm" for info in engines.info()):  # engines: RolloutGroup or LocalEngines
+            validate_lora_for_vllm({"r": config.peft.r},
+                                   config.rollout.engine_kwargs.get("max_lora_rank", choose_max_lora_rank(config.peft.r)))

@@ -6,8 +6,12 @@ Run it alone with ``rayalign run PIPELINE.yaml --only ppo``; the recipe:
 2. start ``rollout.num_engines`` rollout-engine actors (``stages.rollout``: hf or vLLM, in their own
    placement group, or colocated with the trainers) on the starting policy (``from:``, full
    weights), and the reward-model actor when ``reward:`` names a reward stage;
-3. score the held-out prompts greedily with the engines (verifier tasks): the starting accuracy;
-4. ``launcher.launch`` the per-worker loop (``stages.ppo.worker``) with the engine handles;
+3. submit the held-out prompts (verifier tasks), greedy, first in each engine's queue: the starting
+   accuracy once the engines have loaded;
+4. ``launcher.launch`` the per-worker loop (``stages.ppo.worker``) with the engine handles at once, so
+   that Ray Train starts its workers and they load their models while the engines load (on the demo's
+   2 cores, 32 s less per PPO stage); each worker waits for that held-out call before its first engine
+   call, so the starting accuracy is always the starting policy's (its samples carry weights version 0);
 5. the engines now hold the final policy: score the held-out prompts again;
 6. metrics/curves into the manifest (``training_curves.summarize_training``).
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future
 
 from stages import launcher, training_data
 from stages.job import PPOJob
@@ -48,6 +53,8 @@ def run(ctx: StageContext) -> StageResult:
     engines = RolloutEngines(ctx, config, model_source)
     reward_actor = None
     try:
+        # The engines load while Ray Train starts its workers (below), not before: each worker waits for
+        # them before its first engine call, and so after the starting policy's held-out prompts.
         engines.start()
         if reward_dir and config.reward_placement == "actor":
             from stages.ppo.rewards import start_reward_actor
@@ -55,9 +62,7 @@ def run(ctx: StageContext) -> StageResult:
             reward_actor = start_reward_actor(reward_dir, env_vars=launcher.worker_env(ctx),
                                               **engines.reward_actor_options())
         evaluation = HeldOut.for_config(ctx, config, model_source)
-        before = evaluation.run(engines.group) if evaluation else {}
-        if before:
-            ctx.log(f"held-out accuracy of the starting policy: {before['accuracy']:.1%} ({before['prompts']} prompts)")
+        starting = engines.first_calls(evaluation)
         job = launcher.worker_job(
             ctx, config, model_source, PPOJob,
             train_file=str(data.train_file),
@@ -66,8 +71,15 @@ def run(ctx: StageContext) -> StageResult:
             reward_model_dir=reward_dir if config.reward_placement == "worker" else None,
         )
         ctx.log(describe_run(config, iterations, engines))
-        log = launcher.launch(ctx, config, train_ppo_worker, job, engines=engines.workers,
-                              reward_actor=reward_actor)
+        try:
+            log = launcher.launch(ctx, config, train_ppo_worker, job, engines=engines.workers,
+                                  engines_ready=engines.ready_refs, reward_actor=reward_actor)
+        except Exception as error:
+            failed = engine_start_error(starting)
+            if failed is not None:  # an engine that failed to start says why, not the worker that waited for it
+                raise failed from error
+            raise
+        before = starting.result()
         if evaluation and engines.in_worker:  # the held-out engine still holds the starting policy
             engines.group.update_weights(job.model_dir)
         after = evaluation.run(engines.group, weights=job.model_dir) if evaluation else {}
@@ -91,6 +103,14 @@ def run(ctx: StageContext) -> StageResult:
         heldout_source=evaluation.source if evaluation else None,
     )
     return result
+
+
+def engine_start_error(starting: Future) -> BaseException | None:
+    """Why the engines did not start, when they did not (the training workers failed waiting for them)."""
+    try:
+        return starting.exception(timeout=10)
+    except TimeoutError:  # still loading: the training failed for a reason of its own
+        return None
 
 
 def describe_run(config: PPOConfig, iterations: int, engines: RolloutEngines) -> str:
@@ -191,21 +211,43 @@ class RolloutEngines:
             1 if self.in_worker else engines.count, "hf" if self.in_worker else rollout.engine, self.model_source,
             num_cpus=engines.cpus, num_gpus=engines.actor_gpus,
             placement_group=self.placement_group if engines.bundles() else None, bundles_per_engine=engines.ranks,
-            engine_kwargs=kwargs, env_vars=launcher.worker_env(self.ctx), ready_timeout_s=READY_TIMEOUT_S,
+            engine_kwargs=kwargs, env_vars=launcher.worker_env(self.ctx), ready=False,  # see first_calls
             max_restarts=rollout.max_restarts,
             reference=self.config.reference_placement == "engine" and not self.in_worker,
         )
         self.group = RolloutGroup(self.workers)
+        self._info = [w.info.remote() for w in self.workers]  # answered once each engine has loaded
+        self.ready_refs = list(self._info)  # what the training workers wait for before their first engine call
+
+    def first_calls(self, evaluation: HeldOut | None) -> Future:
+        """Submit the starting policy's held-out prompts, first in each engine's queue; the future waits for
+        the engines to load (bounded), logs what serves the rollouts, and returns the starting accuracy."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pending = evaluation.submit(self.group) if evaluation else None
+        if pending is not None:
+            self.ready_refs = list(pending.refs)
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.ctx.name}-engines")
+        future = pool.submit(self._when_ready, evaluation, pending)
+        pool.shutdown(wait=False)
+        return future
+
+    def _when_ready(self, evaluation: HeldOut | None, pending) -> dict:
+        from stages.resources import wait_ready
+
+        engines = self.plan.group(ROLLOUT)
+        infos = wait_ready(self._info, READY_TIMEOUT_S, f"{len(self.workers)} rollout engine(s) ({engines.describe()})")
         if self.in_worker:
             self.ctx.log("trainer engine: each training worker generates with its own policy (HF generate); "
                          "one colocated hf actor scores the held-out prompts")
-            return
-        self.engine_name = self.group.info()[0]["engine"]
-        if self.engine_name == "vllm" and self.config.peft.method != "full":
-            from stages.rollout import validate_lora_for_vllm
-
-            validate_lora_for_vllm({"r": self.config.peft.r}, self.engine_kwargs().get("max_lora_rank"))
-        self.ctx.log(f"{self.engine_name} engines: {engines.describe()}")
+        else:
+            self.engine_name = infos[0]["engine"]
+            self.ctx.log(f"{self.engine_name} engines: {engines.describe()}")
+        before = evaluation.collect(pending, self.ctx.log) if evaluation else {}
+        if before:
+            self.ctx.log(f"held-out accuracy of the starting policy: {before['accuracy']:.1%} "
+                         f"({before['prompts']} prompts)")
+        return before
 
     def reward_actor_options(self) -> dict:
         """``start_reward_actor`` resources and placement: its bundle follows the engines' in the group."""
@@ -249,23 +291,47 @@ class HeldOut:
         tokenizer = load_tokenizer(model_source, config.chat_template, ctx.run.trust_remote_code)
         return cls(get_task(task_name), examples, tokenizer, source, config.rollout.max_new_tokens)
 
-    def run(self, group, weights: str | None = None) -> dict:
-        """Greedy accuracy of what the engines hold; ``weights`` (the policy's folder) is sent again to an
-        engine that died and was restarted on its starting model meanwhile."""
+    def submit(self, group):
+        """The held-out prompts, greedy, submitted to the engines (``RolloutGroup.start_generate``)."""
         from stages.chat_templates import conversation_ids
         from stages.rollout import SamplingParams
-        from stages.rollout.base import EngineRestarted
-        from stages.tasks.grading import grade, verifier_accuracy
 
         ids = [conversation_ids(self.tokenizer, [m.to_dict() for m in e.prompt], add_generation_prompt=True)
                for e in self.examples]
-        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
+        return group.start_generate(ids, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
+
+    def collect(self, pending, log) -> dict:
+        """The starting policy's accuracy from :meth:`submit`'s call; {} when an engine died meanwhile (its
+        restart serves the starting model, but the training workers may already have synced the others)
+        or when a sample came from other weights than the starting ones."""
+        from stages.rollout.base import EngineRestarted
+
         try:
-            results = group.generate(ids, params)
+            results = pending()
+        except EngineRestarted as error:
+            log(f"starting accuracy not measured: {error}")
+            return {}
+        if any(r.weights_version not in (None, 0) for r in results):
+            log("starting accuracy not measured: an engine had other weights than the starting ones")
+            return {}
+        return self.grade(results)
+
+    def run(self, group, weights: str | None = None) -> dict:
+        """Greedy accuracy of what the engines hold; ``weights`` (the policy's folder) is sent again to an
+        engine that died and was restarted on its starting model meanwhile."""
+        from stages.rollout.base import EngineRestarted
+
+        try:
+            results = self.submit(group)()
         except EngineRestarted:
             if weights is not None:
                 group.update_weights(weights)
-            results = group.generate(ids, params)
+            results = self.submit(group)()
+        return self.grade(results)
+
+    def grade(self, results: list) -> dict:
+        from stages.tasks.grading import grade, verifier_accuracy
+
         graded = verifier_accuracy(*grade(self.task, self.examples, [r.response_text for r in results]))
         out = {"accuracy": graded["accuracy"], "prompts": graded["n"]}
         if len(graded["categories"]) > 1:

@@ -37,7 +37,8 @@ from stages.ppo.config import PPOConfig
 from stages.ppo.critic import Critic, build_critic, load_critic_model
 from stages.ppo.distributed import dist_info
 from stages.ppo.experience import Batch, Experience, make_experience, pack, response_logprobs, rollout_stats
-from stages.ppo.generation import check_weights, note_restart, prompt_ids, sampling_params, settle, submit_ahead
+from stages.ppo.generation import (check_weights, note_restart, prompt_ids, sampling_params, settle, submit_ahead,
+                                   wait_for_engines)
 from stages.ppo.policy import ActorCritic, causal_lm, is_peft
 from stages.ppo.prompts import PromptPlan, my_engines
 from stages.ppo.records import load_history, record
@@ -169,6 +170,8 @@ def start_run(job: PPOJob, config: PPOConfig, tokenizer, args: dict) -> PPORun:
     resume(run)
     run.history = load_history(run.work_dir, run.start) if rank == 0 else []
     run.writer = open_tracker(job, run.start) if rank == 0 else None
+    if config.rollout.engine != TRAINER_ENGINE:  # the engines loaded while this worker did
+        wait_for_engines(args.get("engines_ready") or [], run.all_engines, config)
     if run.start > 0:  # the engines start from the initial policy: bring them to the restored one
         sync(run, run.start)
     else:  # the engines and the trainer must agree before the first rollout too

@@ -223,6 +223,18 @@ class WeightLink:
     timeout_s: float
 
 
+@dataclass
+class PendingGenerate:
+    """A generate call on the engines, submitted: calling it waits for the rollouts; ``refs`` (one per engine)
+    let another process wait until the engines have served it (``ray.wait``) without fetching them."""
+
+    refs: list
+    wait: Callable[[], list]
+
+    def __call__(self) -> list[Rollout]:
+        return self.wait()
+
+
 class RolloutGroup:
     """Driver-side fan-out over rollout actors; results come back in prompt order.
 
@@ -250,14 +262,14 @@ class RolloutGroup:
         return self.start_generate(prompts, params, with_reference)()
 
     def start_generate(self, prompts: Sequence, params: SamplingParams,
-                       with_reference: bool = False) -> Callable[[], list[Rollout]]:
+                       with_reference: bool = False) -> PendingGenerate:
         """:meth:`generate` begun now; the returned call waits for the rollouts (the trainer trains meanwhile:
         ``rollout.off_policy_steps``). An engine that died surfaces there, as :class:`EngineRestarted`."""
         ranges = split_ranges(len(prompts), len(self.workers))
         refs = [(w.generate_with_reference if with_reference else w.generate).remote(
                     list(prompts[a:b]), params.with_seed_offset(a * params.n))
                 for w, (a, b) in zip(self.workers, ranges)]
-        return lambda: [r for chunk in self._gather(refs, "generate") for r in chunk]
+        return PendingGenerate(refs, lambda: [r for chunk in self._gather(refs, "generate") for r in chunk])
 
     def score(self, prompt_ids: Sequence, response_ids: Sequence) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):

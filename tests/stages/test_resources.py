@@ -123,6 +123,11 @@ def test_eval_actors_and_stages_without_ray():
     plan = stage_resources(config, "eval")
     (actors,) = plan.groups
     assert (actors.role, actors.count) == (EVAL, 3) and plan.total == {"CPU": 6, "GPU": 3, **NO_MEMORY}
+    # Models evaluated at once each have their pool: at most as many as there are models (here 3 with the reference).
+    for at_once, count in [(2, 2), (5, 3)]:
+        several = EvalConfig.model_validate({"models": ["sft", "dpo"], "reference": "base", "tasks": ["addition"],
+                                             "generation": {"cpus_per_actor": 1, "max_concurrent_models": at_once}})
+        assert stage_resources(several, "eval").groups[0].count == count
     base = stage_resources(BaseConfig(), "base")
     assert not base.uses_ray and base.total == {"CPU": 0, "GPU": 0, **NO_MEMORY} and base.bundles() == []
     assert peak([plan, base, stage_resources(gpu_ppo_with_tp_and_reward_actor())]) == {"CPU": 14, "GPU": 7,

@@ -152,7 +152,7 @@ def test_kl_of_identical_weights_in_separate_engines_is_zero(tiny_base, model_fo
     assert abs(result["kl"]) < 1e-4 and result["tokens"] > 12
 
 
-def _eval_spec(tmp_path, tiny_base, models):
+def _eval_spec(tmp_path, tiny_base, models, max_concurrent_models=1):
     stages = {
         "policy": {"kind": "sft", "data": "builtin:addition"},  # provided with --input (no training here)
         "reward": {"kind": "reward", "data": "builtin:addition"},
@@ -160,7 +160,7 @@ def _eval_spec(tmp_path, tiny_base, models):
                  "sft_data": {"path": "builtin:addition/test", "limit": 8},
                  "preference_data": {"path": "builtin:addition/test", "limit": 8}, "max_prompts": 16,
                  "generation": {"engine": "hf", "max_new_tokens": 6, "num_samples": 2, "kl_prompts": 4,
-                                "batch_size": 8}},
+                                "batch_size": 8, "max_concurrent_models": max_concurrent_models}},
     }
     return make_spec(tmp_path, tiny_base, stages)
 
@@ -208,6 +208,12 @@ def test_eval_on_the_tiny_base_then_only_the_added_model(ray_cluster, tiny_base,
     assert wins["win_rate"] == pytest.approx(expected["win_rate"], abs=1e-12)
     assert expected["counts"]["ties"] < 16  # the perturbed policy answers some prompts differently
     assert (second.path / "responses" / f"{info['models']['base']['key']}.jsonl").exists()
+
+    # Both models at once, in a new store: each in its own Ray Data pass, with the same results to the bit.
+    together = run_pipeline(_eval_spec(tmp_path / "together", tiny_base, ["base", "policy"], max_concurrent_models=2),
+                            only=["eval"], inputs=inputs)["eval"]
+    assert together.manifest["eval"]["computed"] == ["base", "policy"]
+    assert together.metrics == second.metrics
 
 
 def _win_rate_from_saved_responses(folder, models: dict, reward_dir) -> dict:

@@ -577,6 +577,23 @@ def test_a_killed_engine_is_restarted_and_the_stage_completes(ray_cluster, addit
     assert max(curve(artifact, "sync_probe_diff")) < 1e-4
 
 
+@pytest.mark.slow
+def test_an_engine_that_cannot_start_fails_the_stage_with_its_own_error(ray_cluster, addition_sft, tiny_base, tmp_path):
+    """The engines load while Ray Train starts the trainer (stages.ppo.stage.RolloutEngines.first_calls). One
+    that cannot start (here vLLM, asked for where it does not import) fails the stage with its own error, not
+    with the training worker's that waited for it, and the stage writes no artifact."""
+    from pipeline.runner import run_pipeline
+    from stages.rollout import vllm_status
+
+    if vllm_status()[0]:
+        pytest.skip("vLLM imports here; the main suite (.venv, no vLLM) checks the error")
+    stage = ppo_stage(peft={"method": "full"}, rollout={"engine": "vllm"}, train={"max_steps": 2})
+    inputs = {"base": str(tiny_base), "sft": str(addition_sft)}
+    with pytest.raises(Exception, match=r"rollout engine 'vllm' asked for, but .*make install-vllm"):
+        run_pipeline(parse_spec(spec_raw(tmp_path, {"ppo": stage})), only=["ppo"], inputs=inputs)
+    assert not [p for p in (tmp_path / "ppo" / "ppo").glob("*") if not p.name.startswith(".")]
+
+
 def test_colocated_cpu_engine_streams_and_verifies_every_sync(ray_cluster, addition_sft, tiny_base, tmp_path):
     """``rollout.colocate`` on CPU: the hf engine shares the worker's cores (no CPUs of its own; its sleep is a
     no-op, so no sleep/wake calls), the full weights go by the bucketed stream, and every sync is verified with
